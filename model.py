@@ -1,0 +1,195 @@
+"""The VLM backbone + <ACT> token + ActionDecoder heads, as one module whose forward returns logits.
+
+    batch -> Qwen2.5-VL inner model (LoRA/DoRA) -> last hidden state at <ACT> -> ActionDecoder -> logits
+
+Design choices, each for a reason:
+- The forward goes through the inner `Qwen2_5_VLModel` (`vlm.model`), never the LM head: a
+  classifier needs one hidden state per sample, not 151,936-way logits at every position.
+- The `<ACT>` row is its own parameter (`act_embedding`), written into the embedded sequence where
+  the token sits. The 151,936-row table stays frozen, so no other row can move (no gradient masks,
+  no weight decay leaking into frozen rows) and the optimizer holds one row of state, not the table.
+- Inputs arrive cut right after `<ACT>` (see data.py): with causal attention nothing after it can
+  change its hidden state.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from decoder import ActionDecoder
+
+ACT_TOKEN = "<ACT>"
+LM_PREFIX = "model.language_model."
+VISION_BLOCKS_PREFIX = "model.visual.blocks."
+MERGER_PREFIX = "model.visual.merger."
+
+
+def load_processor(path, trust_remote_code=False):
+    """The model's processor with `<ACT>` registered as a special token; returns (processor, act_id)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = processor.tokenizer
+    tokenizer.add_special_tokens({"extra_special_tokens": [ACT_TOKEN]}, replace_extra_special_tokens=False)
+    tokenizer.padding_side = "right"  # the <ACT> position is gathered per row, so either side works
+    return processor, tokenizer.convert_tokens_to_ids(ACT_TOKEN)
+
+
+def load_vlm(cfg, act_token_id):
+    from transformers import AutoModelForImageTextToText
+
+    # Frozen base weights can live in bf16; weights that train stay fp32 (autocast does the rest).
+    dtype = torch.bfloat16 if cfg.bf16 and cfg.finetuning_type != "full" else torch.float32
+    vlm = AutoModelForImageTextToText.from_pretrained(
+        cfg.model_name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code)
+    rows = vlm.get_input_embeddings().weight.shape[0]
+    if act_token_id >= rows:  # Qwen2.5-VL's table has spare rows, so this is for other tokenizers
+        vlm.resize_token_embeddings(act_token_id + 1)
+    return vlm
+
+
+def lora_target_names(vlm, cfg):
+    """Full names of the Linear layers that get adapters: the language model's, plus the vision
+    blocks' and the merger's when those are not frozen. `lora_target: all` means every Linear."""
+    wanted = None if cfg.lora_target == "all" else {t.strip() for t in cfg.lora_target.split(",")}
+    prefixes = [LM_PREFIX]
+    if not cfg.freeze_vision_tower:
+        prefixes.append(VISION_BLOCKS_PREFIX)
+    if not cfg.freeze_multi_modal_projector:
+        prefixes.append(MERGER_PREFIX)
+    names = [name for name, module in vlm.named_modules()
+             if isinstance(module, nn.Linear) and name.startswith(tuple(prefixes))
+             and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
+    if not names:
+        raise ValueError(f"lora_target={cfg.lora_target!r} matches no Linear layer of {cfg.model_name_or_path}")
+    return names
+
+
+def additional_targets(cfg):
+    return [t.strip() for t in cfg.additional_target.split(",") if t.strip()] if cfg.additional_target else []
+
+
+def apply_finetuning(vlm, cfg):
+    """Returns the module to train: peft-wrapped for lora, the VLM itself for full / freeze."""
+    vlm.requires_grad_(False)
+    if cfg.finetuning_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          use_dora=cfg.use_dora, target_modules=lora_target_names(vlm, cfg),
+                          modules_to_save=additional_targets(cfg) or None)
+        vlm = get_peft_model(vlm, lora)
+    else:
+        trainable = []
+        if cfg.finetuning_type == "full":
+            trainable.append(LM_PREFIX + "layers.")
+            trainable.append(LM_PREFIX + "norm.")
+            if not cfg.freeze_vision_tower:
+                trainable.append("model.visual.")
+            elif not cfg.freeze_multi_modal_projector:
+                trainable.append(MERGER_PREFIX)
+        trainable += [f"model.{t}" if not t.startswith("model.") else t for t in additional_targets(cfg)]
+        for name, param in vlm.named_parameters():
+            if name.startswith(tuple(trainable)):
+                param.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs and with DDP's no_sync
+        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return vlm
+
+
+class ActionClassifier(nn.Module):
+    def __init__(self, vlm, act_token_id, heads):
+        super().__init__()
+        self.vlm = vlm
+        self.act_token_id = act_token_id
+        self.heads = nn.ModuleDict(heads)
+        # New token: start from the mean of the existing vocabulary rows (as LLaMA-Factory does for
+        # added tokens), in fp32 because it trains.
+        table = self.backbone.get_input_embeddings().weight
+        self.act_embedding = nn.Parameter(table[:act_token_id].float().mean(0).detach().clone())
+
+    @property
+    def backbone(self):
+        """The inner Qwen2_5_VLModel (vision tower + language model, no LM head). A property, not a
+        submodule, so its parameters are not registered twice."""
+        vlm = self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
+        return vlm.model
+
+    def embed(self, input_ids):
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        is_act = (input_ids == self.act_token_id).unsqueeze(-1)
+        return torch.where(is_act, self.act_embedding.to(embeds.dtype), embeds)
+
+    def act_hidden(self, input_ids, attention_mask, mm_token_type_ids, pixel_values_videos, video_grid_thw,
+                   second_per_grid_ts, act_index):
+        """Last-layer hidden state at each row's <ACT> token: (B, hidden)."""
+        out = self.backbone(
+            input_ids=input_ids, inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
+            mm_token_type_ids=mm_token_type_ids, pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts, use_cache=False)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return out.last_hidden_state[rows, act_index]
+
+    def forward(self, label_space, **inputs):
+        return self.heads[label_space](self.act_hidden(**inputs))
+
+
+def build_classifier(cfg, head_sizes):
+    """head_sizes: {label_space: num_classes}. Returns (processor, ActionClassifier)."""
+    processor, act_token_id = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+    vlm = apply_finetuning(load_vlm(cfg, act_token_id), cfg)
+    hidden = vlm.config.get_text_config().hidden_size
+    heads = {}
+    for space, num_classes in head_sizes.items():
+        if cfg.action_decoder_path is not None and len(head_sizes) == 1:
+            heads[space] = ActionDecoder.from_pretrained(cfg.action_decoder_path)
+        else:
+            heads[space] = ActionDecoder(hidden, num_classes, cfg.action_decoder_type, cfg.action_decoder_hidden_size)
+        if heads[space].config["num_classes"] != num_classes:
+            raise ValueError(f"action_decoder_path {cfg.action_decoder_path} has "
+                             f"{heads[space].config['num_classes']} classes, the config says {num_classes}")
+    return processor, ActionClassifier(vlm, act_token_id, heads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights: only what trains is saved (adapters / trained layers, the <ACT> row, the heads); the
+# frozen base comes from model_name_or_path again.
+
+def trainable_backbone_state(model):
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()
+            if p.requires_grad and not name.startswith("heads.")}
+
+
+def save_weights(model, directory):
+    os.makedirs(directory, exist_ok=True)
+    save_file(trainable_backbone_state(model), os.path.join(directory, "trainable.safetensors"))
+    for space, head in model.heads.items():
+        head.save_pretrained(os.path.join(directory, "heads", space))
+
+
+def load_weights(model, directory):
+    """Loads what save_weights wrote. Every key must match both ways: a checkpoint from another
+    model, LoRA setting or head layout is an error, never a silent partial load."""
+    state = load_file(os.path.join(directory, "trainable.safetensors"))
+    expected = trainable_backbone_state(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory} does not match this model/config: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"checkpoint {directory}: {name} has shape {tuple(value.shape)}, "
+                                 f"this model expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    for space, head in model.heads.items():
+        saved = ActionDecoder.from_pretrained(os.path.join(directory, "heads", space))
+        if saved.config != head.config:
+            raise ValueError(f"checkpoint {directory}: head {space!r} is {saved.config}, the config asks for {head.config}")
+        head.load_state_dict(saved.state_dict())

@@ -1,0 +1,517 @@
+"""Train an <ACT> video action classifier on Qwen2.5-VL.
+
+    python train.py --config configs/synthetic.yaml                       # one process (CPU demo)
+    torchrun --nproc_per_node 8 train.py --config configs/ucf101.yaml     # DDP, one node
+    python train.py --config configs/ucf101.yaml --learning_rate 5e-5 --resume auto
+
+Any config key can be overridden as `--key value`; the value is parsed as YAML, so lists and dicts
+work (`--train_datasets '[{path: data/x.jsonl}]'`). `main(argv)` is the table of contents.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import Collator, DataError, VideoDataset, VideoSettings, eval_batches, load_samples, train_batches
+from model import build_classifier, load_weights, save_weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config: one typed dataclass is the schema; YAML + CLI overrides are checked against it.
+
+@dataclass
+class Config:
+    # model
+    model_name_or_path: str = "data/tiny-qwen2.5-vl"
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    num_action_classes: int = 6  # classes of the "default" label space
+    label_spaces: dict = field(default_factory=dict)  # extra heads: {name: num_classes}
+    action_decoder_type: str = "linear"  # linear | mlp
+    action_decoder_hidden_size: int | None = None  # mlp inner size (default: the model's hidden size)
+    action_decoder_path: str | None = None  # initialise the head from ActionDecoder.save_pretrained output
+    action_token_lr_scale: float = 0.1  # <ACT> row learning rate = learning_rate * this
+    head_lr_scale: float = 1.0  # head learning rate = learning_rate * this
+    # finetuning
+    finetuning_type: str = "lora"  # lora | full | freeze
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target: str = "all"  # "all" Linear layers, or names: "q_proj,v_proj"
+    use_dora: bool = False
+    freeze_vision_tower: bool = True  # false: adapters (lora) or full training on the vision blocks too
+    freeze_multi_modal_projector: bool = True  # false: the same for the merger
+    additional_target: str | None = None  # modules trained fully besides adapters, e.g. "visual.patch_embed"
+    # data
+    train_datasets: list = field(default_factory=list)  # [{path, video_root, weight, label_space}]
+    eval_datasets: list = field(default_factory=list)
+    video_fps: float = 2.0
+    video_maxlen: int = 16
+    video_num_frames: int | None = None  # a fixed frame count instead of fps/maxlen
+    video_max_pixels: int = 112 * 112
+    video_min_pixels: int = 56 * 56
+    dataloader_num_workers: int = 0
+    # optimisation
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    # run directory
+    output_dir: str = "runs/default"
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0: evaluate at the end only
+    save_steps: int = 0  # 0: save at the end only
+    save_total_limit: int = 2
+    resume: str | None = None  # "auto" (newest complete checkpoint in output_dir) or a checkpoint dir
+
+
+CHOICES = {"finetuning_type": ("lora", "full", "freeze"), "action_decoder_type": ("linear", "mlp"),
+           "lr_scheduler_type": ("cosine", "linear", "constant"),
+           "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
+POSITIVE = ("num_action_classes", "lora_rank", "video_fps", "video_maxlen", "video_max_pixels",
+            "video_min_pixels", "per_device_train_batch_size", "per_device_eval_batch_size",
+            "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "logging_steps")
+NON_NEGATIVE = ("weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
+                "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "action_token_lr_scale",
+                "head_lr_scale")
+DATASET_KEYS = {"path", "video_root", "weight", "label_space"}
+
+
+def type_ok(value, annotation):
+    if annotation is typing.Any:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def config_problems(raw):
+    """Every problem with a raw {key: value} config, so they can be reported together."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    problems = []
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            problems.append(f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        elif not type_ok(value, hints[key]):
+            problems.append(f"{key}: expected {getattr(hints[key], '__name__', hints[key])}, got {value!r}")
+        elif key in CHOICES and value not in CHOICES[key]:
+            problems.append(f"{key}: {value!r} is not one of {CHOICES[key]}")
+        elif key in POSITIVE and value <= 0:
+            problems.append(f"{key}: must be > 0, got {value!r}")
+        elif key in NON_NEGATIVE and value < 0:
+            problems.append(f"{key}: must be >= 0, got {value!r}")
+    for key in ("train_datasets", "eval_datasets"):
+        for i, entry in enumerate(raw.get(key) or []):
+            if not isinstance(entry, dict) or "path" not in entry:
+                problems.append(f"{key}[{i}]: expected {{path, video_root, weight, label_space}}, got {entry!r}")
+            elif set(entry) - DATASET_KEYS:
+                problems.append(f"{key}[{i}]: unknown key(s) {sorted(set(entry) - DATASET_KEYS)}; "
+                                f"allowed: {sorted(DATASET_KEYS)}")
+    return problems
+
+
+def parse_config(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with the experiment's keys")
+    args, rest = parser.parse_known_args(argv)
+    raw = {}
+    if args.config is not None:
+        with open(args.config, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise SystemExit(f"{args.config}: expected a mapping of config keys")
+    if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
+        raise SystemExit(f"overrides must be `--key value` pairs, got {rest}")
+    for key, value in zip(rest[::2], rest[1::2]):
+        raw[key[2:]] = yaml.safe_load(value)  # "3e-4" -> float, "[a, b]" -> list, "true" -> bool
+    problems = config_problems(raw)
+    if not problems and not (raw.get("train_datasets") or raw.get("eval_datasets")):
+        problems.append("train_datasets: at least one dataset is needed")
+    if problems:
+        where = args.config if args.config is not None else "command line"
+        raise SystemExit(f"config error(s) in {where}:\n  " + "\n  ".join(problems))
+    return Config(**raw)
+
+
+def head_sizes(cfg):
+    sizes = {"default": cfg.num_action_classes, **cfg.label_spaces}
+    for key in ("train_datasets", "eval_datasets"):
+        for entry in getattr(cfg, key):
+            space = entry.get("label_space", "default")
+            if space not in sizes:
+                raise SystemExit(f"{key}: label_space {space!r} of {entry['path']} is not declared; "
+                                 f"add it to label_spaces: {{{space}: NUM_CLASSES}}")
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed: torchrun or a plain `python train.py` (world size 1); one code path either way.
+
+def setup_distributed():
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:  # share the CPU cores between the local ranks instead of oversubscribing them
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def print0(*args):
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def all_reduce_sums(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+def load_datasets(cfg, entries, require_label=True):
+    sizes = head_sizes(cfg)
+    samples, counts, weights, classes = [], [], [], {}
+    for entry in entries:
+        space = entry.get("label_space", "default")
+        part = load_samples(entry["path"], entry.get("video_root"), sizes[space], space, require_label)
+        samples += part
+        counts.append(len(part))
+        weights.append(float(entry.get("weight", 1.0)))
+        names_file = os.path.join(os.path.dirname(os.path.abspath(entry["path"])), "classes.json")
+        if os.path.isfile(names_file):
+            with open(names_file, encoding="utf-8") as f:
+                names = json.load(f)
+            if len(names) != sizes[space]:
+                raise SystemExit(f"{names_file} lists {len(names)} classes but label space {space!r} has "
+                                 f"{sizes[space]} (num_action_classes / label_spaces): make them agree")
+            classes[space] = names
+    settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
+                             cfg.video_max_pixels)
+    return VideoDataset(samples, settings, cfg.seed), counts, weights, classes
+
+
+def make_loader(dataset, batches, collate, cfg):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                       num_workers=cfg.dataloader_num_workers,
+                                       persistent_workers=False, prefetch_factor=4 if cfg.dataloader_num_workers else None)
+
+
+def to_device(inputs, device):
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+def build_optimizer(model, cfg):
+    """Named AdamW groups. Adapters/trained layers at learning_rate (no decay on biases and norms),
+    heads at learning_rate * head_lr_scale, the <ACT> row at learning_rate * action_token_lr_scale."""
+    groups = {"backbone": [], "backbone_no_decay": [], "head": [], "head_no_decay": [], "act_token": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name
+        if name == "act_embedding":
+            groups["act_token"].append(p)
+        elif name.startswith("heads."):
+            groups["head_no_decay" if no_decay else "head"].append(p)
+        else:
+            groups["backbone_no_decay" if no_decay else "backbone"].append(p)
+    lr, head_lr = cfg.learning_rate, cfg.learning_rate * cfg.head_lr_scale
+    settings = {"backbone": (lr, cfg.weight_decay), "backbone_no_decay": (lr, 0.0),
+                "head": (head_lr, cfg.weight_decay), "head_no_decay": (head_lr, 0.0),
+                "act_token": (lr * cfg.action_token_lr_scale, 0.0)}
+    param_groups = [{"name": n, "params": ps, "lr": settings[n][0], "weight_decay": settings[n][1]}
+                    for n, ps in groups.items() if ps]
+    grouped = [id(p) for g in param_groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable) and len(set(grouped)) == len(grouped), \
+        "every trainable parameter must be in exactly one optimizer group"
+    return torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def lr_lambda(cfg, total_steps):
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler_type == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging: metrics.jsonl (what tests and users parse) + TensorBoard, on rank 0 only
+
+class MetricsLog:
+    def __init__(self, output_dir, enabled):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(output_dir)
+
+    def log(self, step, split, **values):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        self.file.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: checkpoints/step_NNNNNNN, written to a temp folder and renamed, so a kill at any
+# moment leaves the previous checkpoint whole. Everything needed to resume exactly or to predict.
+
+def checkpoint_dirs(output_dir):
+    return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step_[0-9]*")))
+
+
+def save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank):
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    final = os.path.join(root, f"step_{state['step']:07d}")
+    tmp = os.path.join(root, f".tmp_step_{state['step']:07d}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        save_weights(model, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        with open(os.path.join(tmp, "classes.json"), "w") as f:
+            json.dump(classes, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def resume_dir(cfg):
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "auto":
+        return cfg.resume
+    found = checkpoint_dirs(cfg.output_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(directory, model, optimizer, scheduler, rank):
+    load_weights(model, directory)
+    saved = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = os.path.join(directory, f"rng_rank{rank}.pt")
+    if os.path.exists(rng):
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+    with open(os.path.join(directory, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Steps
+
+def autocast(cfg, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, collate, cfg, rank, world, device):
+    """Loss, top-1, top-5 over every eval sample exactly once; sums all-reduced across ranks."""
+    model.eval()
+    sums = {}  # label_space -> [loss_sum, top1, top5, count]
+    loader = make_loader(dataset, eval_batches(len(dataset), cfg.per_device_eval_batch_size, world, rank), collate, cfg)
+    for batch in loader:
+        with autocast(cfg, device):
+            logits = model(batch["label_space"], **to_device(batch["inputs"], device)).float()
+        labels = batch["labels"].to(device)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        s = sums.setdefault(batch["label_space"], [0.0, 0.0, 0.0, 0.0])
+        s[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+        s[1] += (top5[:, 0] == labels).sum().item()
+        s[2] += (top5 == labels[:, None]).any(1).sum().item()
+        s[3] += len(labels)
+    model.train()
+    results = {}
+    for space in head_sizes(cfg):  # every rank reduces the same spaces in the same order
+        loss, top1, top5, count = all_reduce_sums(sums.get(space, [0.0] * 4), device)
+        if count:
+            results[space] = {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "count": int(count)}
+    return results
+
+
+def train_micro_step(ddp_model, batch, cfg, device, accumulation):
+    with autocast(cfg, device):
+        logits = ddp_model(batch["label_space"], **to_device(batch["inputs"], device)).float()
+    labels = batch["labels"].to(device)
+    loss = F.cross_entropy(logits, labels)
+    (loss / accumulation).backward()
+    return loss.item(), (logits.argmax(1) == labels).sum().item(), len(labels)
+
+
+def batch_stream(dataset, counts, weights, collate, cfg, rank, world, epoch, position):
+    """Yields (epoch, position_after, batch) forever, epoch after epoch, starting mid-epoch on resume."""
+    while True:
+        batches = train_batches(counts, weights, cfg.per_device_train_batch_size, world, rank, epoch, cfg.seed)
+        if not batches:
+            raise SystemExit("the training set is smaller than one global batch "
+                             "(per_device_train_batch_size x world size): lower the batch size")
+        for i, batch in enumerate(make_loader(dataset, batches[position:], collate, cfg), start=position + 1):
+            yield epoch, i, batch
+        epoch, position = epoch + 1, 0
+
+
+def total_steps(cfg, counts, weights, world):
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = sum(round(w * c) // (cfg.per_device_train_batch_size * world) for c, w in zip(counts, weights))
+    return max(1, math.floor(per_epoch * cfg.num_train_epochs / cfg.gradient_accumulation_steps))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+    try:
+        train_set, counts, weights, classes = load_datasets(cfg, cfg.train_datasets)
+        eval_set = load_datasets(cfg, cfg.eval_datasets)[0] if cfg.eval_datasets else None
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    processor, model = build_classifier(cfg, head_sizes(cfg))
+    model.to(device)
+    collate = Collator(processor, model.act_token_id)
+    optimizer = build_optimizer(model, cfg)
+    steps = total_steps(cfg, counts, weights, world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+
+    state = {"step": 0, "epoch": 0, "position": 0}
+    start = resume_dir(cfg)
+    if start is not None:
+        state = load_checkpoint(start, model, optimizer, scheduler, rank)
+        print0(f"resumed from {start} at step {state['step']}")
+    ddp_model = DDP(model, find_unused_parameters=len(model.heads) > 1)
+    log = MetricsLog(cfg.output_dir, rank == 0)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"{len(train_set)} train samples, {world} rank(s), {steps} steps, {n_train:,} trainable parameters")
+
+    stream = batch_stream(train_set, counts, weights, collate, cfg, rank, world, state["epoch"], state["position"])
+    window = [0.0, 0.0, 0.0]  # loss_sum, correct, count since the last log line
+    bar = tqdm(total=steps, initial=state["step"], disable=rank != 0, desc="train", dynamic_ncols=True)
+    t0 = time.time()
+    while state["step"] < steps:
+        for micro in range(cfg.gradient_accumulation_steps):
+            state["epoch"], state["position"], batch = next(stream)
+            sync = micro == cfg.gradient_accumulation_steps - 1  # all-reduce gradients once per step
+            with nullcontext() if sync else ddp_model.no_sync():
+                loss, correct, count = train_micro_step(ddp_model, batch, cfg, device, cfg.gradient_accumulation_steps)
+            window = [window[0] + loss * count, window[1] + correct, window[2] + count]
+        if not math.isfinite(loss):
+            raise SystemExit(f"loss is {loss} at step {state['step'] + 1} (epoch {state['epoch']}, batch "
+                             f"{state['position']}, samples {batch['index'].tolist()}); no checkpoint written")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        bar.update(1)
+
+        if state["step"] % cfg.logging_steps == 0 or state["step"] == steps:
+            loss_sum, correct, count = all_reduce_sums(window, device)
+            lr = optimizer.param_groups[0]["lr"]
+            log.log(state["step"], "train", loss=loss_sum / count, top1=correct / count, lr=lr,
+                    epoch=state["epoch"], elapsed_s=round(time.time() - t0, 1))
+            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.2f}")
+            window = [0.0, 0.0, 0.0]
+        last = state["step"] == steps
+        if eval_set is not None and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
+            for space, r in evaluate(ddp_model, eval_set, collate, cfg, rank, world, device).items():
+                log.log(state["step"], "val", label_space=space, **r)
+                print0(f"step {state['step']} val[{space}] loss {r['loss']:.4f} top1 {r['top1']:.4f} "
+                       f"top5 {r['top5']:.4f} ({r['count']} samples)")
+        if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last:
+            save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank)
+    bar.close()
+    log.close()
+    print0(f"done: {state['step']} steps in {time.time() - t0:.0f}s; checkpoints in {cfg.output_dir}/checkpoints")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    os._exit(0)  # torchrun + transformers sometimes abort at interpreter exit
