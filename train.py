@@ -121,6 +121,18 @@ def type_ok(value, annotation):
     return isinstance(value, annotation)
 
 
+def coerce_floats(raw):
+    """PyYAML reads `1e-4` (no dot) as a string; accept it where the key is a float."""
+    hints = typing.get_type_hints(Config)
+    for key, value in raw.items():
+        if isinstance(value, str) and float in typing.get_args(hints.get(key)) + (hints.get(key),):
+            try:
+                raw[key] = float(value)
+            except ValueError:
+                pass
+    return raw
+
+
 def config_problems(raw):
     """Every problem with a raw {key: value} config, so they can be reported together."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
@@ -162,7 +174,7 @@ def parse_config(argv):
         raise SystemExit(f"overrides must be `--key value` pairs, got {rest}")
     for key, value in zip(rest[::2], rest[1::2]):
         raw[key[2:]] = yaml.safe_load(value)  # "3e-4" -> float, "[a, b]" -> list, "true" -> bool
-    problems = config_problems(raw)
+    problems = config_problems(coerce_floats(raw))
     if not problems and not (raw.get("train_datasets") or raw.get("eval_datasets")):
         problems.append("train_datasets: at least one dataset is needed")
     if problems:
@@ -441,6 +453,13 @@ def total_steps(cfg, counts, weights, world):
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     rank, world, device = setup_distributed()
+    try:
+        train(cfg, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(cfg, rank, world, device):
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:
@@ -508,7 +527,6 @@ def main(argv=None):
     bar.close()
     log.close()
     print0(f"done: {state['step']} steps in {time.time() - t0:.0f}s; checkpoints in {cfg.output_dir}/checkpoints")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,24 +20,23 @@ Part 2) or .webm (VP9), picked by the extension. Other tests use it to make fixt
 
 # Why the data looks like this.
 # The demo trains a randomly initialised tiny Qwen2.5-VL: its vision tower has no learned features, so
-# it can only pick up signals that are large and consistent in raw pixel space. Measured: objects must
-# be bright WHITE (one contrast polarity, always far above the background) on darker textured random
-# backgrounds (brightness <= 140); objects of random colours are not learned in a few minutes.
-# The classes differ ONLY in motion: every clip draws its shape, orientation, tint, size, start position
-# and background from the same class-independent distributions, so the FIRST frame of a clip carries
-# no information about its label (tests/test_synthetic.py checks this) and the model must compare frames.
-# Caveat: an object that stays in a bounded frame while moving 35-60% of its width cannot have the same
-# position distribution in every frame for "left" and "right" (the mean displacement differs), so later
-# frames do reveal where the object went; we make the first frame (and the first-frame size for
-# grow/shrink) class-independent, which is what a one-frame shortcut would see first.
+# it can only pick up signals that are large and consistent in raw pixel space. It was measured that
+# objects must be bright WHITE (one contrast polarity, always far above the background) on darker
+# textured random backgrounds (brightness <= 140); objects of random colours are not learned in a few
+# minutes. The texture and the slow background drift keep "find the brightest blob" from being trivial.
+# The classes differ ONLY in motion: every clip draws its background, shape, orientation, tint, size and
+# start position from the same class-independent distributions, so the FIRST frame of a clip is at
+# chance (tests/test_synthetic.py checks this) and the model must compare frames.
+# Caveat: an object that stays in a bounded frame while moving 35-60% of the frame cannot have the same
+# position distribution in every frame for "left" and "right" (their mean displacements differ), so
+# later frames do reveal the class through position (from about mid-clip on, x alone separates left
+# from right). We chose the first frame to be the uninformative one, as the demo's spec asks.
 # Motion is large (translation by 35-60% of the frame, size change by 2-3x) so it survives the training
 # sampler (8 of the 16 frames, resized to 112 px) and lossy encoding.
 
 import argparse
 import json
-import math
 import os
-import sys
 import time
 from fractions import Fraction
 from multiprocessing import Pool

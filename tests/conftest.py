@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random Qwen2.5-VL checkpoint directory and a small generated dataset,
+both built once per test session from the same prepare/ scripts the demo uses."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from prepare.synthetic import main as make_synthetic  # noqa: E402
+from prepare.tiny_model import write_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return write_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-qwen2.5-vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(["--out", str(out), "--train", "24", "--val", "12", "--size", "64", "--frames", "8",
+                    "--fps", "8", "--workers", "1"])
+    return str(out)
+
+
+@pytest.fixture
+def base_args(tiny_model_dir, synthetic_dir, tmp_path):
+    """CLI overrides for a small, fast run of train.main on the fixtures."""
+    return ["--config", os.path.join(ROOT, "configs", "synthetic.yaml"),
+            "--model_name_or_path", tiny_model_dir,
+            "--train_datasets", f"[{{path: {synthetic_dir}/train.jsonl}}]",
+            "--eval_datasets", f"[{{path: {synthetic_dir}/val.jsonl}}]",
+            "--video_min_pixels", "3136", "--video_max_pixels", "3136",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "6",
+            "--dataloader_num_workers", "0", "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "0",
+            "--output_dir", str(tmp_path / "run")]
