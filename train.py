@@ -63,11 +63,11 @@ class Config:
     # data
     train_datasets: list = field(default_factory=list)  # [{path, video_root, weight, label_space}]
     eval_datasets: list = field(default_factory=list)
-    video_fps: float = 2.0
-    video_maxlen: int = 16
+    video_fps: float = 2.0  # frames sampled per second of video (LLaMA-Factory's default) ...
+    video_maxlen: int = 128  # ... up to this many frames
     video_num_frames: int | None = None  # a fixed frame count instead of fps/maxlen
-    video_max_pixels: int = 112 * 112
-    video_min_pixels: int = 56 * 56
+    video_max_pixels: int = 256 * 256  # per-frame pixel budget after resizing (sides multiples of 28)
+    video_min_pixels: int = 16 * 16
     dataloader_num_workers: int = 0
     # optimisation
     per_device_train_batch_size: int = 8

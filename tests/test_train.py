@@ -93,3 +93,10 @@ def test_cli_overrides_parse_as_yaml(tmp_path):
                               "--learning_rate", "3e-4", "--bf16", "true", "--video_num_frames", "null"])
     assert cfg.train_datasets == [{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl"}]
     assert cfg.learning_rate == 3e-4 and cfg.bf16 is True and cfg.video_num_frames is None
+
+
+@pytest.mark.parametrize("name", ["synthetic", "ucf101", "sthsthv2"])
+def test_shipped_configs_parse(name):
+    cfg = train.parse_config(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")])
+    assert cfg.train_datasets and cfg.eval_datasets
+    assert cfg.num_action_classes == {"synthetic": 6, "ucf101": 101, "sthsthv2": 174}[name]
