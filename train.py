@@ -12,10 +12,13 @@ import argparse
 import dataclasses
 import difflib
 import glob
+import hashlib
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 import typing
@@ -30,7 +33,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Collator, DataError, VideoDataset, VideoSettings, eval_batches, load_samples, train_batches
+from data import (Collator, DataError, VideoDataset, VideoSettings, eval_batches, load_samples, sample_lengths,
+                  train_batches)
 from model import build_classifier, load_weights, save_weights
 
 
@@ -68,7 +72,9 @@ class Config:
     video_num_frames: int | None = None  # a fixed frame count instead of fps/maxlen
     video_max_pixels: int = 256 * 256  # per-frame pixel budget after resizing (sides multiples of 28)
     video_min_pixels: int = 16 * 16
+    video_cache_dir: str | None = None  # opt-in cache of decoded, resized frames (see data.cached_clip)
     dataloader_num_workers: int = 0
+    group_by_length: bool = False  # batch clips of similar token counts together (less padding)
     # optimisation
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -198,11 +204,11 @@ def head_sizes(cfg):
 # Distributed: torchrun or a plain `python train.py` (world size 1); one code path either way.
 
 def setup_distributed():
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # plain `python train.py`: a world of one, on a free port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
@@ -247,14 +253,17 @@ def load_datasets(cfg, entries, require_label=True):
                                  f"{sizes[space]} (num_action_classes / label_spaces): make them agree")
             classes[space] = names
     settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
-                             cfg.video_max_pixels)
+                             cfg.video_max_pixels, cfg.video_cache_dir)
     return VideoDataset(samples, settings, cfg.seed), counts, weights, classes
 
 
 def make_loader(dataset, batches, collate, cfg):
+    # Its own generator: creating an iterator must not draw from the global RNG (dropout's), or a
+    # resumed run, which creates its iterator at another moment, would drift from an uninterrupted one.
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                        num_workers=cfg.dataloader_num_workers,
-                                       persistent_workers=False, prefetch_factor=4 if cfg.dataloader_num_workers else None)
+                                       generator=torch.Generator().manual_seed(cfg.seed),
+                                       prefetch_factor=4 if cfg.dataloader_num_workers else None)
 
 
 def to_device(inputs, device):
@@ -310,12 +319,22 @@ def lr_lambda(cfg, total_steps):
 # Logging: metrics.jsonl (what tests and users parse) + TensorBoard, on rank 0 only
 
 class MetricsLog:
-    def __init__(self, output_dir, enabled):
+    def __init__(self, output_dir, enabled, after_step=0):
+        """Appends to metrics.jsonl; on resume, first drops the lines logged after the checkpoint
+        (they will be logged again), so the file reads as one uninterrupted run."""
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
-            self.tb = SummaryWriter(output_dir)
+            path = os.path.join(output_dir, "metrics.jsonl")
+            kept = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+            self.file = open(path, "a")
+            self.tb = SummaryWriter(output_dir, purge_step=after_step + 1 if after_step else None)
 
     def log(self, step, split, **values):
         if not self.enabled:
@@ -340,7 +359,24 @@ def checkpoint_dirs(output_dir):
     return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step_[0-9]*")))
 
 
-def save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank):
+def write_checkpoint_files(directory, model, optimizer, scheduler, state, cfg, classes):
+    save_weights(model, directory)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, "optimizer.pt"))
+    with open(os.path.join(directory, "config.yaml"), "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    with open(os.path.join(directory, "classes.json"), "w") as f:
+        json.dump(classes, f)
+    with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+        json.dump({**state, "base_model": base_model_fingerprint(cfg)}, f)
+    for dirpath, _, files in os.walk(directory):  # on disk before the rename makes it visible
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank, device):
+    """All ranks call this; rank 0 writes. Returns the checkpoint's folder."""
     root = os.path.join(cfg.output_dir, "checkpoints")
     final = os.path.join(root, f"step_{state['step']:07d}")
     tmp = os.path.join(root, f".tmp_step_{state['step']:07d}")
@@ -348,26 +384,42 @@ def save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))  # dropout masks resume too
     dist.barrier()
+    failed = 0.0
     if rank == 0:
-        save_weights(model, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f)
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-        with open(os.path.join(tmp, "classes.json"), "w") as f:
-            json.dump(classes, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        previous = checkpoint_dirs(cfg.output_dir)
+        try:
+            write_checkpoint_files(tmp, model, optimizer, scheduler, state, cfg, classes)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as e:  # disk full, quota, permissions: keep what we had, say so
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = previous[-1] if previous else "none"
+            print(f"saving checkpoint {final} failed: {e}. The previous checkpoint ({kept}) is intact; "
+                  f"free space and resume with --resume auto.", file=sys.stderr, flush=True)
+            failed = 1.0
+        else:
+            for old in checkpoint_dirs(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
+                shutil.rmtree(old, ignore_errors=True)
+    if all_reduce_sums([failed], device)[0]:
+        raise SystemExit(1)
+    return final
+
+
+def base_model_fingerprint(cfg):
+    """Which base weights a checkpoint's adapters belong to: the path and its config's hash."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"model_name_or_path": cfg.model_name_or_path, "config_sha256": digest}
 
 
 def resume_dir(cfg):
+    for tmp in glob.glob(os.path.join(cfg.output_dir, "checkpoints", ".tmp_step_*")):
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during a save; never complete
     if cfg.resume is None:
         return None
     if cfg.resume != "auto":
@@ -376,7 +428,16 @@ def resume_dir(cfg):
     return found[-1] if found else None
 
 
-def load_checkpoint(directory, model, optimizer, scheduler, rank):
+def load_checkpoint(directory, model, optimizer, scheduler, rank, cfg):
+    if not os.path.isfile(os.path.join(directory, "trainer_state.json")):
+        raise SystemExit(f"{directory} is not a checkpoint folder (no trainer_state.json)")
+    with open(os.path.join(directory, "trainer_state.json")) as f:
+        state = json.load(f)
+    saved_base, base = state.pop("base_model", None), base_model_fingerprint(cfg)
+    if saved_base is not None and saved_base["config_sha256"] != base["config_sha256"]:
+        raise SystemExit(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
+                         f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
+                         f"point model_name_or_path at the checkpoint's base model")
     load_weights(model, directory)
     saved = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
@@ -384,8 +445,7 @@ def load_checkpoint(directory, model, optimizer, scheduler, rank):
     rng = os.path.join(directory, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
         torch.set_rng_state(torch.load(rng, weights_only=True))
-    with open(os.path.join(directory, "trainer_state.json")) as f:
-        return json.load(f)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -431,8 +491,10 @@ def train_micro_step(ddp_model, batch, cfg, device, accumulation):
 
 def batch_stream(dataset, counts, weights, collate, cfg, rank, world, epoch, position):
     """Yields (epoch, position_after, batch) forever, epoch after epoch, starting mid-epoch on resume."""
+    lengths = sample_lengths(dataset) if cfg.group_by_length else None  # one probe per clip, once
     while True:
-        batches = train_batches(counts, weights, cfg.per_device_train_batch_size, world, rank, epoch, cfg.seed)
+        batches = train_batches(counts, weights, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                world, rank, epoch, cfg.seed, lengths)
         if not batches:
             raise SystemExit("the training set is smaller than one global batch "
                              "(per_device_train_batch_size x world size): lower the batch size")
@@ -444,8 +506,9 @@ def batch_stream(dataset, counts, weights, collate, cfg, rank, world, epoch, pos
 def total_steps(cfg, counts, weights, world):
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = sum(round(w * c) // (cfg.per_device_train_batch_size * world) for c, w in zip(counts, weights))
-    return max(1, math.floor(per_epoch * cfg.num_train_epochs / cfg.gradient_accumulation_steps))
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    per_epoch = sum(round(w * c) // per_step for c, w in zip(counts, weights))
+    return max(1, math.floor(per_epoch * cfg.num_train_epochs))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,10 +544,11 @@ def train(cfg, rank, world, device):
     state = {"step": 0, "epoch": 0, "position": 0}
     start = resume_dir(cfg)
     if start is not None:
-        state = load_checkpoint(start, model, optimizer, scheduler, rank)
+        state = load_checkpoint(start, model, optimizer, scheduler, rank, cfg)
         print0(f"resumed from {start} at step {state['step']}")
     ddp_model = DDP(model, find_unused_parameters=len(model.heads) > 1)
-    log = MetricsLog(cfg.output_dir, rank == 0)
+    log = MetricsLog(cfg.output_dir, rank == 0, after_step=state["step"])
+    stop = StopSignal()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{len(train_set)} train samples, {world} rank(s), {steps} steps, {n_train:,} trainable parameters")
 
@@ -493,40 +557,73 @@ def train(cfg, rank, world, device):
     bar = tqdm(total=steps, initial=state["step"], disable=rank != 0, desc="train", dynamic_ncols=True)
     t0 = time.time()
     while state["step"] < steps:
-        for micro in range(cfg.gradient_accumulation_steps):
-            state["epoch"], state["position"], batch = next(stream)
-            sync = micro == cfg.gradient_accumulation_steps - 1  # all-reduce gradients once per step
-            with nullcontext() if sync else ddp_model.no_sync():
-                loss, correct, count = train_micro_step(ddp_model, batch, cfg, device, cfg.gradient_accumulation_steps)
-            window = [window[0] + loss * count, window[1] + correct, window[2] + count]
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {state['step'] + 1} (epoch {state['epoch']}, batch "
-                             f"{state['position']}, samples {batch['index'].tolist()}); no checkpoint written")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats, batch = optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device)
+        window = [w + x for w, x in zip(window, stats)]
         state["step"] += 1
         bar.update(1)
-
-        if state["step"] % cfg.logging_steps == 0 or state["step"] == steps:
+        stopping = all_reduce_sums([stop.requested], device)[0] > 0  # every rank stops at the same step
+        last = state["step"] == steps or stopping
+        if state["step"] % cfg.logging_steps == 0 or last:
             loss_sum, correct, count = all_reduce_sums(window, device)
-            lr = optimizer.param_groups[0]["lr"]
-            log.log(state["step"], "train", loss=loss_sum / count, top1=correct / count, lr=lr,
-                    epoch=state["epoch"], elapsed_s=round(time.time() - t0, 1))
+            log.log(state["step"], "train", loss=loss_sum / count, top1=correct / count,
+                    lr=optimizer.param_groups[0]["lr"], epoch=state["epoch"], elapsed_s=round(time.time() - t0, 1))
             bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.2f}")
             window = [0.0, 0.0, 0.0]
-        last = state["step"] == steps
         if eval_set is not None and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
             for space, r in evaluate(ddp_model, eval_set, collate, cfg, rank, world, device).items():
                 log.log(state["step"], "val", label_space=space, **r)
                 print0(f"step {state['step']} val[{space}] loss {r['loss']:.4f} top1 {r['top1']:.4f} "
                        f"top5 {r['top5']:.4f} ({r['count']} samples)")
         if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last:
-            save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank)
+            saved = save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank, device)
+        if stopping:
+            print0(f"stopped by {stop.name} after step {state['step']}; checkpoint {saved}; "
+                   f"continue with --resume auto")
+            break
     bar.close()
     log.close()
+    stop.restore()
     print0(f"done: {state['step']} steps in {time.time() - t0:.0f}s; checkpoints in {cfg.output_dir}/checkpoints")
+
+
+def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device):
+    """gradient_accumulation_steps micro-batches, gradients all-reduced on the last one only, then one
+    update. Stops the run, before the update touches the weights, if any rank's loss is not finite."""
+    stats, bad = [0.0, 0.0, 0.0], None
+    for micro in range(cfg.gradient_accumulation_steps):
+        state["epoch"], state["position"], batch = next(stream)
+        sync = micro == cfg.gradient_accumulation_steps - 1
+        with nullcontext() if sync else ddp_model.no_sync():
+            loss, correct, count = train_micro_step(ddp_model, batch, cfg, device, cfg.gradient_accumulation_steps)
+        stats = [stats[0] + loss * count, stats[1] + correct, stats[2] + count]
+        if not math.isfinite(loss) and bad is None:
+            bad = f"loss {loss} in micro-batch {micro} (epoch {state['epoch']}, batch {state['position']}, " \
+                  f"records {batch['sources']})"
+    if all_reduce_sums([bad is not None], device)[0]:
+        raise SystemExit(f"non-finite loss at step {state['step'] + 1}: {bad if bad else 'on another rank'}. "
+                         f"Nothing was updated or saved; the last checkpoint is untouched. Lower the learning "
+                         f"rate or check those samples.")
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, batch
+
+
+class StopSignal:
+    """SIGTERM (pre-emption) or SIGINT (Ctrl-C): finish the step, save, exit 0."""
+
+    def __init__(self):
+        self.requested, self.name = 0, None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.requested, self.name = 1, signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

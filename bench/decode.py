@@ -1,0 +1,198 @@
+"""Video decoding speed: LLaMA-Factory's way against data.decode_frames, and full sample preparation.
+
+    python bench/decode.py                          # 20 clips of each kind, N = 8, 16, 32 frames
+    python bench/decode.py --clips 10 --frames 16   # shorter
+    python bench/decode.py --max-pixels 65536       # another pixel budget (default: UCF101's 16384)
+
+Clips (generated into a temp dir, textured content that pans, plus a moving disc):
+  avi   UCF101-like: 320x240, 25 fps, 4-12 s, MPEG-4 Part 2 in AVI (prepare.synthetic.write_video: fixed
+        quantiser 3, GOP 12, no B-frames)
+  webm  SSv2-like: 426x240, 12 fps, 2-6 s, VP9 in WebM (one keyframe per clip, so nearly every frame
+        must be decoded whatever the method)
+
+Each clip's N frame indices are the evaluation ones (segment centres) and its target size is
+frame_size(info, min_pixels, max_pixels), the same for every method. Methods, in clips per second:
+  baseline      LLaMA-Factory's mm_plugin: decode every frame of the clip with PyAV, `frame.to_image()`
+                the sampled ones, PIL-resize them to the target size. Indices are handed to it, so it
+                pays no probing (LLaMA-Factory reads the header's frame count, which WebM lacks).
+  decode        data.load_clip: one open that counts the frames, picks the indices and decodes just
+                those, scaled inside FFmpeg's converter (what VideoDataset does without a cache).
+  prep base     baseline + the Qwen processor (text + video -> model-ready tensors), called the way
+                LLaMA-Factory calls it: a list of PIL frames, processor resize on.
+  prep ours     decode + data.Collator (the processor on the uint8 array, resize off), as training runs.
+  cache         the cache-hit path of VideoDataset.__getitem__: data.cached_clip (a memory-mapped
+                file of every frame, already scaled) + picking the N frames; the cache is filled first,
+                untimed.
+Each round runs every method on each clip in turn; a method's time on a clip is its best round (the
+machine is shared: the best round is the least disturbed one), and clips/s = clips / the sum of those.
+One process, one decoder thread each, as in a DataLoader worker.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import av
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import data  # noqa: E402
+from model import ACT_TOKEN  # noqa: E402
+from prepare.synthetic import write_video  # noqa: E402
+from prepare.tiny_model import build_processor  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "<video>What action is being performed in this video?"},
+            {"role": "assistant", "content": f"The action being performed is {ACT_TOKEN}."}]
+KINDS = {"avi": (".avi", 25, 240, 320, (4, 12)), "webm": (".webm", 12, 240, 426, (2, 6))}
+
+
+def textured_clip(rng, num_frames, height, width):
+    """A smooth colour field with fine detail that pans, and a bright disc crossing it."""
+    k = 24
+    field = np.kron(rng.uniform(30, 200, (height // k + 12, width // k + 12, 3)), np.ones((k, k, 1)))
+    field = (field + np.roll(field, k // 2, 0) + np.roll(field, k // 2, 1) + np.roll(field, k // 2, (0, 1))) / 4
+    field = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        oy, ox = int(t * 0.7) % (field.shape[0] - height), int(t * 1.3) % (field.shape[1] - width)
+        out[t] = field[oy:oy + height, ox:ox + width]
+        cx, cy = width * (0.2 + 0.6 * t / num_frames), height / 2 + height / 6 * np.sin(t / 10)
+        out[t][(xx - cx) ** 2 + (yy - cy) ** 2 < (height / 12) ** 2] = 250
+    return out
+
+
+def make_clips(root, kind, count, seed):
+    ext, fps, height, width, (short, long) = KINDS[kind]
+    rng = np.random.default_rng([seed, len(kind)])
+    paths = []
+    for i in range(count):
+        seconds = rng.uniform(short, long)
+        path = os.path.join(root, f"{kind}_{i:03d}{ext}")
+        write_video(path, textured_clip(rng, round(seconds * fps), height, width), fps)
+        paths.append(path)
+    return paths
+
+
+def baseline_frames(path, indices, size):
+    """LLaMA-Factory's _regularize_videos + _preprocess_image, with the target size given."""
+    height, width = size
+    frames = []
+    with av.open(path, "r") as container:
+        stream = next(s for s in container.streams if s.type == "video")
+        container.seek(0)
+        for frame_idx, frame in enumerate(container.decode(stream)):
+            if frame_idx in indices:
+                frames.append(frame.to_image())
+    return [image.resize((width, height)) for image in frames]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clips", type=int, default=20, help="clips of each kind")
+    p.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32], help="N, frames sampled per clip")
+    p.add_argument("--rounds", type=int, default=3, help="timed passes over the clips per method")
+    p.add_argument("--max-pixels", type=int, default=128 * 128, help="video_max_pixels (UCF101 config: 16384)")
+    p.add_argument("--min-pixels", type=int, default=56 * 56, help="video_min_pixels")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import torch
+    from transformers.video_utils import VideoMetadata
+    torch.set_num_threads(1)  # one DataLoader worker's share
+    processor = build_processor(args.min_pixels, args.max_pixels)
+    processor.tokenizer.add_special_tokens({"extra_special_tokens": [ACT_TOKEN]}, replace_extra_special_tokens=False)
+    collate = data.Collator(processor, processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN))
+    budget = (args.min_pixels, args.max_pixels)
+
+    with tempfile.TemporaryDirectory(prefix="actcls-bench-") as root:
+        t0 = time.time()
+        clips = {kind: make_clips(root, kind, args.clips, args.seed) for kind in KINDS}
+        infos = {kind: [data.probe_video(c) for c in clips[kind]] for kind in KINDS}
+        cache = os.path.join(root, "cache")
+        for kind in KINDS:
+            for c in clips[kind]:
+                data.cached_clip(c, cache, *budget)
+        frames_total = {k: sum(i.num_frames for i in infos[k]) for k in KINDS}
+        print(f"{args.clips} clips of each kind in {time.time() - t0:.0f}s: "
+              + ", ".join(f"{k} {infos[k][0].width}x{infos[k][0].height} -> "
+                          f"{'x'.join(map(str, data.frame_size(infos[k][0], *budget)))}, "
+                          f"{frames_total[k] / args.clips:.0f} frames a clip on average" for k in KINDS)
+              + f"; budget {args.min_pixels}..{args.max_pixels} pixels; best of {args.rounds} rounds\n")
+
+        rows = []
+        for n in args.frames:
+            for kind in KINDS:
+                paths, kind_infos = clips[kind], infos[kind]
+                plan = [(path, data.sample_indices(info.num_frames, n), data.frame_size(info, *budget))
+                        for path, info in zip(paths, kind_infos)]
+
+                def decode_ours(path, indices):
+                    return data.load_clip(path, lambda info: indices, lambda info: data.frame_size(info, *budget))
+
+                def baseline(path, indices, size, info):
+                    baseline_frames(path, indices, size)
+
+                def decode(path, indices, size, info):
+                    decode_ours(path, indices)
+
+                def prep_base(path, indices, size, info):
+                    frames = baseline_frames(path, indices, size)
+                    meta = VideoMetadata(total_num_frames=info.num_frames, fps=info.fps, frames_indices=indices.tolist())
+                    processor(text=[data.prompt_text(processor, MESSAGES)], videos=[frames], video_metadata=[meta],
+                              do_sample_frames=False, padding=True, return_tensors="pt")
+
+                def prep_ours(path, indices, size, info):
+                    info, indices, frames = decode_ours(path, indices)
+                    collate([{"frames": frames, "indices": indices, "info": info, "index": 0,
+                              "sample": data.Sample(path, MESSAGES, 0, "default", "bench")}])
+
+                def cache_read(path, indices, size, info):
+                    info, clip = data.cached_clip(path, cache, *budget)
+                    np.ascontiguousarray(clip[data.sample_indices(info.num_frames, n)])
+
+                methods = {"baseline": baseline, "decode": decode, "prep base": prep_base,
+                           "prep ours": prep_ours, "cache": cache_read}
+                check_same_inputs(plan[0], kind_infos[0], processor, collate, decode_ours)
+                # best[method][clip]: the fastest of the rounds; methods interleave clip by clip, so a
+                # busy moment on the shared machine hits them alike
+                best = {name: [float("inf")] * len(plan) for name in methods}
+                for _ in range(args.rounds):
+                    for c, ((path, indices, size), info) in enumerate(zip(plan, kind_infos)):
+                        for name, fn in methods.items():
+                            t = time.perf_counter()
+                            fn(path, indices, size, info)
+                            best[name][c] = min(best[name][c], time.perf_counter() - t)
+                rows.append((kind, n, {name: len(plan) / sum(best[name]) for name in methods}))
+
+    header = (f"{'clips':<5} {'N':>3} | {'baseline':>8} {'decode':>8} {'ratio':>6} | {'prep base':>9} "
+              f"{'prep ours':>9} {'ratio':>6} | {'cache':>8} {'ratio':>6}")
+    print("clips per second (one process); ratio = ours / baseline")
+    print(header)
+    print("-" * len(header))
+    for kind, n, r in rows:
+        print(f"{kind:<5} {n:>3} | {r['baseline']:>8.1f} {r['decode']:>8.1f} {r['decode'] / r['baseline']:>5.2f}x | "
+              f"{r['prep base']:>9.1f} {r['prep ours']:>9.1f} {r['prep ours'] / r['prep base']:>5.2f}x | "
+              f"{r['cache']:>8.0f} {r['cache'] / r['baseline']:>5.1f}x")
+
+
+def check_same_inputs(item, info, processor, collate, decode_ours):
+    """Both preparations give the model the same tensor shapes (same grid, same token count)."""
+    from transformers.video_utils import VideoMetadata
+    path, indices, size = item
+    meta = VideoMetadata(total_num_frames=info.num_frames, fps=info.fps, frames_indices=indices.tolist())
+    base = processor(text=[data.prompt_text(processor, MESSAGES)], videos=[baseline_frames(path, indices, size)], video_metadata=[meta],
+                     do_sample_frames=False, padding=True, return_tensors="pt")
+    info, indices, frames = decode_ours(path, indices)
+    ours = collate([{"frames": frames, "indices": indices, "info": info, "index": 0,
+                     "sample": data.Sample(path, MESSAGES, 0, "default", "bench")}])["inputs"]
+    assert base["video_grid_thw"].tolist() == ours["video_grid_thw"].tolist()
+    assert base["input_ids"].shape == ours["input_ids"].shape
+    import torch
+    assert torch.as_tensor(base["second_per_grid_ts"]).tolist() == torch.as_tensor(ours["second_per_grid_ts"]).tolist()
+
+
+if __name__ == "__main__":
+    main()

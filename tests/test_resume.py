@@ -1,0 +1,155 @@
+"""Nothing lost: exact resume, exact gradient accumulation, stop signals, kills at any moment."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [(m["step"], m["loss"]) for m in map(json.loads, f) if m["split"] == "train"]
+
+
+def final_weights(output_dir):
+    ckpt = sorted(os.listdir(os.path.join(output_dir, "checkpoints")))[-1]
+    folder = os.path.join(output_dir, "checkpoints", ckpt)
+    weights = load_file(os.path.join(folder, "trainable.safetensors"))
+    weights.update({f"head.{k}": v for k, v in
+                    load_file(os.path.join(folder, "heads", "default", "action_decoder.safetensors")).items()})
+    return ckpt, weights
+
+
+def send_sigterm_at_step(output_dir, step):
+    """Watches metrics.jsonl and sends SIGTERM to this process once `step` has been logged."""
+    def watch():
+        path = os.path.join(output_dir, "metrics.jsonl")
+        for _ in range(3000):
+            if os.path.exists(path) and any(m.get("step", 0) >= step for m in map(json.loads, open(path))):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stop_and_resume_equals_uninterrupted_run(base_args, tmp_path):
+    # dropout on (the RNG must resume), random frame offsets (training sampling), an epoch boundary
+    # crossed after the resume (24 clips / 4 = 6 steps an epoch), a worker process.
+    common = base_args + ["--max_steps", "8", "--lora_dropout", "0.1", "--dataloader_num_workers", "1",
+                          "--eval_datasets", "[]", "--save_steps", "0"]
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    train.main(common + ["--output_dir", straight])
+
+    watcher = send_sigterm_at_step(interrupted, 3)
+    train.main(common + ["--output_dir", interrupted])  # SIGTERM: finish the step, save, return
+    watcher.join()
+    stopped_at = train_losses(interrupted)[-1][0]
+    assert 3 <= stopped_at < 8, "the run should have stopped early"
+    assert os.listdir(os.path.join(interrupted, "checkpoints")) == [f"step_{stopped_at:07d}"]
+    train.main(common + ["--output_dir", interrupted, "--resume", "auto"])
+
+    assert train_losses(interrupted) == train_losses(straight)  # bit-exact, every step
+    ckpt_a, a = final_weights(straight)
+    ckpt_b, b = final_weights(interrupted)
+    assert ckpt_a == ckpt_b == "step_0000008" and a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+
+@pytest.mark.parametrize("batch,accumulation", [(2, 2), (1, 4)])
+def test_gradient_accumulation_equals_one_big_batch(base_args, tmp_path, batch, accumulation):
+    common = base_args + ["--max_steps", "3", "--eval_datasets", "[]", "--lr_scheduler_type", "constant",
+                          "--warmup_steps", "0"]
+    big, accumulated = str(tmp_path / "big"), str(tmp_path / "acc")
+    train.main(common + ["--output_dir", big, "--per_device_train_batch_size", "4"])
+    train.main(common + ["--output_dir", accumulated, "--per_device_train_batch_size", str(batch),
+                         "--gradient_accumulation_steps", str(accumulation)])
+    assert_same_training(big, accumulated)
+
+
+def assert_same_training(a_dir, b_dir):
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*train_losses(a_dir)), zip(*train_losses(b_dir))
+    assert steps_a == steps_b
+    torch.testing.assert_close(torch.tensor(losses_a), torch.tensor(losses_b), rtol=1e-5, atol=1e-6)
+    _, a = final_weights(a_dir)
+    _, b = final_weights(b_dir)
+    for name in a:  # same update up to float summation order
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)  # lr is 1e-3
+
+
+def torchrun(args, nproc=2, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(random.randint(20000, 40000)), os.path.join(ROOT, "train.py")] + args
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ddp_two_ranks_with_accumulation_equals_one_process(base_args, tmp_path):
+    """2 ranks x 1 clip x 2 micro-steps (no_sync on the first) == 1 process x 4 clips."""
+    common = base_args + ["--max_steps", "3", "--eval_datasets", "[]", "--lr_scheduler_type", "constant",
+                          "--warmup_steps", "0"]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    train.main(common + ["--output_dir", single, "--per_device_train_batch_size", "4"])
+    result = torchrun(common + ["--output_dir", ddp, "--per_device_train_batch_size", "1",
+                                "--gradient_accumulation_steps", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(single, ddp)
+
+
+def checkpoint_is_complete(folder):
+    """Everything a resume reads, read the way a resume reads it."""
+    load_file(os.path.join(folder, "trainable.safetensors"))
+    load_file(os.path.join(folder, "heads", "default", "action_decoder.safetensors"))
+    torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
+    torch.load(os.path.join(folder, "rng_rank0.pt"), weights_only=True)
+    return json.load(open(os.path.join(folder, "trainer_state.json")))["step"]
+
+
+def logged_steps(output_dir):
+    path = os.path.join(output_dir, "metrics.jsonl")
+    return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+def test_kill_at_random_moments_never_corrupts_the_last_checkpoint(base_args, tmp_path):
+    """kill -9 at random moments of a run that saves every step (so many kills land mid-save);
+    after each, the newest complete checkpoint must load, and the next run resumes from it."""
+    out = str(tmp_path / "run")
+    args = base_args + ["--output_dir", out, "--max_steps", "100", "--save_steps", "1", "--save_total_limit", "2",
+                        "--eval_datasets", "[]", "--resume", "auto"]
+    rng = random.Random(0)
+    resumed_steps = []
+    for kill in range(8):
+        before = logged_steps(out)
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while logged_steps(out) <= before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # wait until this run is training, then kill it at a random moment
+        time.sleep(rng.uniform(0.0, 0.4))  # a step + its save take ~50-100 ms here
+        assert proc.poll() is None, "the run ended before it was killed"
+        proc.kill()
+        output = proc.communicate()[0]
+        if "resumed from" in output:
+            resumed_steps.append(int(output.split("at step ")[1].split()[0]))
+        found = sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_"))
+        if found:
+            assert checkpoint_is_complete(os.path.join(out, "checkpoints", found[-1])) == int(found[-1][5:])
+    assert len(resumed_steps) >= 7 and resumed_steps == sorted(resumed_steps), "each resume starts where the last left off"
+    final = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    steps = [s for s, _ in train_losses(out)]
+    assert steps == list(range(1, 101)), "metrics.jsonl reads as one uninterrupted run"
