@@ -110,24 +110,44 @@ def resolve_video(path, video_root, record_file):
 
 def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_report=20):
     """Reads and validates a whole dataset file up front, so a bad record fails the run before any
-    GPU time is spent. All problems are collected and reported together, with file:line."""
-    samples, problems = [], []
+    GPU time is spent. All problems are collected and reported together, with file:line.
+
+    Returns (samples, bad_videos): records whose video file is missing or empty are not errors here
+    but listed in bad_videos, so the caller can apply its tolerance (max_bad_video_fraction)."""
+    samples, problems, bad_videos = [], [], []
     for lineno, record in read_records(path):
         where = f"{path}:{lineno}"
         found = record_problems(record, num_classes, require_label)
-        if not found:
-            video = resolve_video(record["videos"][0], video_root, path)
-            if not os.path.isfile(video):
-                found.append(f"video {video} not found (set `video_root` to the folder the paths are relative to)")
-            else:
-                samples.append(Sample(video, record["messages"], record.get("action_label"), label_space, where))
         problems += [f"{where}: {p}" for p in found]
+        if found:
+            continue
+        video = resolve_video(record["videos"][0], video_root, path)
+        if not os.path.isfile(video):
+            bad_videos.append(f"{where}: video {video} not found")
+        elif os.path.getsize(video) == 0:
+            bad_videos.append(f"{where}: video {video} is empty (0 bytes)")
+        else:
+            samples.append(Sample(video, record["messages"], record.get("action_label"), label_space, where))
     if problems:
         more = f"\n... and {len(problems) - max_report} more" if len(problems) > max_report else ""
         raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(problems[:max_report]) + more)
-    if not samples:
+    if not samples and not bad_videos:
         raise DataError(f"{path}: no records")
-    return samples
+    return samples, bad_videos
+
+
+def check_bad_videos(bad_videos, total, max_fraction, max_report=20):
+    """Fails when more than max_fraction of the samples have unusable videos (a wrong video_root
+    makes them all missing); otherwise returns a warning listing them (or None)."""
+    if not bad_videos:
+        return None
+    listing = "\n".join(bad_videos[:max_report]) + (f"\n... and {len(bad_videos) - max_report} more"
+                                                    if len(bad_videos) > max_report else "")
+    summary = f"{len(bad_videos)} of {total} samples have unusable videos ({len(bad_videos) / total:.1%})"
+    if len(bad_videos) > max_fraction * total:
+        raise DataError(f"{summary}, more than max_bad_video_fraction={max_fraction}:\n{listing}\n"
+                        f"Check `video_root` (relative paths resolve against it, else the record file's folder).")
+    return f"skipping them: {summary}:\n{listing}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,10 +167,13 @@ def load_samples(path, video_root, num_classes, label_space="default", require_l
 # - Tried and left out: MPEG-4 `lowres` decoding (slower than full size at 320x240 here: its C code
 #   loses to the SIMD paths); decoder threads (DataLoader workers already use the cores, and frame
 #   threads add delay).
+# - Cost of the in-memory packets: one file's compressed bytes while it is decoded (~1 MB for a UCF101
+#   clip). Fine for action clips; hour-long files would want container seeks with the same checks.
 
-_NO_REORDER = ("vp8", "vp9", "av1")  # codecs whose decoders never hold frames back for reordering
+# decoders of codecs without frame reordering (no B-frames): probing has nothing to learn from decoding
+_NO_REORDER = ("vp8", "vp9", "av1", "libdav1d", "libaom-av1", "libvpx", "libvpx-vp9")
 # Bicubic like the Qwen processor's resize; full-resolution chroma, so colour edges are filtered once
-# from the 4:2:0 planes (without these flags the result is ~3x further from the processor's own
+# from the 4:2:0 planes (without these flags the result is about twice as far from the processor's own
 # resize of full-size frames).
 SCALE_FLAGS = Interpolation.BICUBIC | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
 
@@ -251,8 +274,8 @@ class _VideoFile:
         packets, needs = self.packets, []
         for i in wanted:
             d = self.order[i]
-            k = d
-            while k > 0 and not (packets[k].is_keyframe and packets[k].pts <= packets[d].pts):
+            k, pts = d, packets[d].pts
+            while k > 0 and not (packets[k].is_keyframe and packets[k].pts is not None and packets[k].pts <= pts):
                 k -= 1
             needs.append((k, d))
         runs = []
@@ -307,7 +330,7 @@ class _VideoFile:
         return out
 
 
-_reformatters = threading.local()  # one scaler per thread, kept across clips (see _Converter)
+_reformatters = threading.local()  # one scaler per thread and process, kept across clips (see _Converter)
 
 
 class _Converter:
@@ -317,15 +340,18 @@ class _Converter:
 
     def __init__(self, size):
         self.size = size
-        if not hasattr(_reformatters, "reformatter"):
-            _reformatters.reformatter = VideoReformatter()
+        if getattr(_reformatters, "pid", None) != os.getpid():  # never reuse one across fork()
+            _reformatters.reformatter, _reformatters.pid = VideoReformatter(), os.getpid()
         self.reformatter = _reformatters.reformatter
 
     def __call__(self, frame):
+        # threads=1: swscale's default slice threads cost more than they save on frames this small,
+        # and a scaler whose thread pool was created before a fork() deadlocks in the child
         if self.size is None or tuple(self.size) == (frame.height, frame.width):
-            return self.reformatter.reformat(frame, format="rgb24").to_ndarray()
+            return self.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
         height, width = self.size
-        return self.reformatter.reformat(frame, width, height, "rgb24", interpolation=SCALE_FLAGS).to_ndarray()
+        return self.reformatter.reformat(frame, width, height, "rgb24", interpolation=SCALE_FLAGS,
+                                         threads=1).to_ndarray()
 
 
 def probe_video(path):
@@ -431,9 +457,10 @@ def _read_cache(file):
             if os.fstat(f.fileno()).st_size != CACHE_HEADER + math.prod(shape):
                 return None
             frames = np.memmap(f, dtype=np.uint8, mode="r", offset=CACHE_HEADER, shape=shape)
-    except (FileNotFoundError, ValueError, KeyError):
+        info = VideoInfo(**meta["info"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
-    return VideoInfo(**meta["info"]), frames
+    return info, frames
 
 
 def _write_cache(file, info, frames):

@@ -48,7 +48,10 @@ def collect_samples(inputs, label_space, num_classes):
     samples = []
     for path in inputs:
         if path.endswith((".jsonl", ".json")):
-            samples += load_samples(path, None, num_classes, label_space, require_label=False)
+            found, bad = load_samples(path, None, num_classes, label_space, require_label=False)
+            samples += found
+            if bad:
+                print(f"skipping {len(bad)} record(s) whose video is missing or empty:\n" + "\n".join(bad), file=sys.stderr)
         elif os.path.isdir(path):
             for name in sorted(os.listdir(path)):
                 if name.lower().endswith(VIDEO_EXTENSIONS):

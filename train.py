@@ -33,7 +33,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (Collator, DataError, VideoDataset, VideoSettings, eval_batches, load_samples, sample_lengths,
+from data import (Collator, DataError, check_bad_videos, VideoDataset, VideoSettings, eval_batches, load_samples, sample_lengths,
                   train_batches)
 from model import build_classifier, load_weights, save_weights
 
@@ -74,6 +74,7 @@ class Config:
     video_min_pixels: int = 16 * 16
     video_cache_dir: str | None = None  # opt-in cache of decoded, resized frames (see data.cached_clip)
     dataloader_num_workers: int = 0
+    max_bad_video_fraction: float = 0.01  # unreadable videos are skipped and counted; more than this fails
     group_by_length: bool = False  # batch clips of similar token counts together (less padding)
     # optimisation
     per_device_train_batch_size: int = 8
@@ -107,7 +108,7 @@ CHOICES = {"finetuning_type": ("lora", "full", "freeze"), "action_decoder_type":
 POSITIVE = ("num_action_classes", "lora_rank", "video_fps", "video_maxlen", "video_max_pixels",
             "video_min_pixels", "per_device_train_batch_size", "per_device_eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "logging_steps")
-NON_NEGATIVE = ("weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
+NON_NEGATIVE = ("max_bad_video_fraction", "weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
                 "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "action_token_lr_scale",
                 "head_lr_scale")
 DATASET_KEYS = {"path", "video_root", "weight", "label_space"}
@@ -237,11 +238,12 @@ def all_reduce_sums(values, device):
 
 def load_datasets(cfg, entries, require_label=True):
     sizes = head_sizes(cfg)
-    samples, counts, weights, classes = [], [], [], {}
+    samples, counts, weights, classes, bad_videos = [], [], [], {}, []
     for entry in entries:
         space = entry.get("label_space", "default")
-        part = load_samples(entry["path"], entry.get("video_root"), sizes[space], space, require_label)
+        part, bad = load_samples(entry["path"], entry.get("video_root"), sizes[space], space, require_label)
         samples += part
+        bad_videos += bad
         counts.append(len(part))
         weights.append(float(entry.get("weight", 1.0)))
         names_file = os.path.join(os.path.dirname(os.path.abspath(entry["path"])), "classes.json")
@@ -252,18 +254,31 @@ def load_datasets(cfg, entries, require_label=True):
                 raise SystemExit(f"{names_file} lists {len(names)} classes but label space {space!r} has "
                                  f"{sizes[space]} (num_action_classes / label_spaces): make them agree")
             classes[space] = names
+    warning = check_bad_videos(bad_videos, len(samples) + len(bad_videos), cfg.max_bad_video_fraction)
+    if warning is not None:
+        print0(warning)
     settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
                              cfg.video_max_pixels, cfg.video_cache_dir)
     return VideoDataset(samples, settings, cfg.seed), counts, weights, classes
 
 
 def make_loader(dataset, batches, collate, cfg):
-    # Its own generator: creating an iterator must not draw from the global RNG (dropout's), or a
-    # resumed run, which creates its iterator at another moment, would drift from an uninterrupted one.
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                       num_workers=cfg.dataloader_num_workers,
+    """Workers start from a forkserver, not a fork of this process: forking a process that runs
+    threads (TensorBoard's writer, FFmpeg's, OpenMP's) can copy a held lock into the child and hang it.
+    Its own generator: creating an iterator must not draw from the global RNG (dropout's), or a
+    resumed run, which creates its iterator at another moment, would drift from an uninterrupted one."""
+    workers = cfg.dataloader_num_workers
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                                       multiprocessing_context=worker_context() if workers else None,
+                                       persistent_workers=workers > 0,
                                        generator=torch.Generator().manual_seed(cfg.seed),
-                                       prefetch_factor=4 if cfg.dataloader_num_workers else None)
+                                       prefetch_factor=4 if workers else None)
+
+
+def worker_context():
+    context = torch.multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "data"])  # imported once, in the server
+    return context
 
 
 def to_device(inputs, device):
@@ -359,10 +374,9 @@ def checkpoint_dirs(output_dir):
     return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step_[0-9]*")))
 
 
-def write_checkpoint_files(directory, model, optimizer, scheduler, state, cfg, classes):
+def write_checkpoint_files(directory, model, optimizer, state, cfg, classes):
     save_weights(model, directory)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(directory, "optimizer.pt"))
+    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
     with open(os.path.join(directory, "config.yaml"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     with open(os.path.join(directory, "classes.json"), "w") as f:
@@ -375,7 +389,7 @@ def write_checkpoint_files(directory, model, optimizer, scheduler, state, cfg, c
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank, device):
+def save_checkpoint(model, optimizer, state, cfg, classes, rank, device):
     """All ranks call this; rank 0 writes. Returns the checkpoint's folder."""
     root = os.path.join(cfg.output_dir, "checkpoints")
     final = os.path.join(root, f"step_{state['step']:07d}")
@@ -390,7 +404,7 @@ def save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank, devi
     if rank == 0:
         previous = checkpoint_dirs(cfg.output_dir)
         try:
-            write_checkpoint_files(tmp, model, optimizer, scheduler, state, cfg, classes)
+            write_checkpoint_files(tmp, model, optimizer, state, cfg, classes)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except OSError as e:  # disk full, quota, permissions: keep what we had, say so
@@ -439,9 +453,15 @@ def load_checkpoint(directory, model, optimizer, scheduler, rank, cfg):
                          f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
                          f"point model_name_or_path at the checkpoint's base model")
     load_weights(model, directory)
-    saved = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    # Adam's moments come from the checkpoint; learning rates, decay and the schedule from this
+    # config (identical when it is unchanged, so resume stays exact; applied when it is changed).
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
+    for group, fresh in zip(optimizer.param_groups, hyper):
+        group.update(fresh)
+    scheduler.last_epoch = state["step"]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(state["step"])
     rng = os.path.join(directory, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
         torch.set_rng_state(torch.load(rng, weights_only=True))
@@ -456,11 +476,10 @@ def autocast(cfg, device):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, collate, cfg, rank, world, device):
+def evaluate(model, loader, cfg, device):
     """Loss, top-1, top-5 over every eval sample exactly once; sums all-reduced across ranks."""
     model.eval()
     sums = {}  # label_space -> [loss_sum, top1, top5, count]
-    loader = make_loader(dataset, eval_batches(len(dataset), cfg.per_device_eval_batch_size, world, rank), collate, cfg)
     for batch in loader:
         with autocast(cfg, device):
             logits = model(batch["label_space"], **to_device(batch["inputs"], device)).float()
@@ -489,18 +508,38 @@ def train_micro_step(ddp_model, batch, cfg, device, accumulation):
     return loss.item(), (logits.argmax(1) == labels).sum().item(), len(labels)
 
 
+class EpochBatches:
+    """This rank's micro-batches, epoch after epoch without end, from (epoch, position) on. One
+    DataLoader iterates it for the whole run, so its workers start once."""
+
+    def __init__(self, counts, weights, cfg, world, rank, epoch, position, lengths):
+        self.args = (counts, weights, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world, rank)
+        self.seed, self.epoch, self.position, self.lengths = cfg.seed, epoch, position, lengths
+        self.per_epoch = len(self.batches(0))
+        if self.per_epoch == 0:
+            raise SystemExit("the training set is smaller than one optimizer step (per_device_train_batch_size x "
+                             "gradient_accumulation_steps x world size): lower the batch size")
+
+    def batches(self, epoch):
+        return train_batches(*self.args, epoch, self.seed, self.lengths)
+
+    def __iter__(self):
+        epoch, position = self.epoch, self.position
+        while True:
+            yield from self.batches(epoch)[position:]
+            epoch, position = epoch + 1, 0
+
+
 def batch_stream(dataset, counts, weights, collate, cfg, rank, world, epoch, position):
-    """Yields (epoch, position_after, batch) forever, epoch after epoch, starting mid-epoch on resume."""
+    """Yields (epoch, position, batch), where (epoch, position) is where the next batch comes from:
+    what a checkpoint records to resume mid-epoch."""
     lengths = sample_lengths(dataset) if cfg.group_by_length else None  # one probe per clip, once
-    while True:
-        batches = train_batches(counts, weights, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                world, rank, epoch, cfg.seed, lengths)
-        if not batches:
-            raise SystemExit("the training set is smaller than one global batch "
-                             "(per_device_train_batch_size x world size): lower the batch size")
-        for i, batch in enumerate(make_loader(dataset, batches[position:], collate, cfg), start=position + 1):
-            yield epoch, i, batch
-        epoch, position = epoch + 1, 0
+    plan = EpochBatches(counts, weights, cfg, world, rank, epoch, position, lengths)
+    for batch in make_loader(dataset, plan, collate, cfg):
+        position += 1
+        if position == plan.per_epoch:
+            epoch, position = epoch + 1, 0
+        yield epoch, position, batch
 
 
 def total_steps(cfg, counts, weights, world):
@@ -537,6 +576,9 @@ def train(cfg, rank, world, device):
     processor, model = build_classifier(cfg, head_sizes(cfg))
     model.to(device)
     collate = Collator(processor, model.act_token_id)
+    if eval_set is not None:  # built once: its workers persist from one evaluation to the next
+        eval_plan = eval_batches(len(eval_set), cfg.per_device_eval_batch_size, world, rank)
+        eval_loader = make_loader(eval_set, eval_plan, collate, cfg)
     optimizer = build_optimizer(model, cfg)
     steps = total_steps(cfg, counts, weights, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
@@ -570,12 +612,12 @@ def train(cfg, rank, world, device):
             bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.2f}")
             window = [0.0, 0.0, 0.0]
         if eval_set is not None and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
-            for space, r in evaluate(ddp_model, eval_set, collate, cfg, rank, world, device).items():
+            for space, r in evaluate(ddp_model, eval_loader, cfg, device).items():
                 log.log(state["step"], "val", label_space=space, **r)
                 print0(f"step {state['step']} val[{space}] loss {r['loss']:.4f} top1 {r['top1']:.4f} "
                        f"top5 {r['top5']:.4f} ({r['count']} samples)")
         if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last:
-            saved = save_checkpoint(model, optimizer, scheduler, state, cfg, classes, rank, device)
+            saved = save_checkpoint(model, optimizer, state, cfg, classes, rank, device)
         if stopping:
             print0(f"stopped by {stop.name} after step {state['step']}; checkpoint {saved}; "
                    f"continue with --resume auto")

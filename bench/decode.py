@@ -3,6 +3,7 @@
     python bench/decode.py                          # 20 clips of each kind, N = 8, 16, 32 frames
     python bench/decode.py --clips 10 --frames 16   # shorter
     python bench/decode.py --max-pixels 65536       # another pixel budget (default: UCF101's 16384)
+    python bench/decode.py --loader configs/synthetic.yaml --batches 20   # DataLoader batches/s, workers 0 and 2
 
 Clips (generated into a temp dir, textured content that pans, plus a moving disc):
   avi   UCF101-like: 320x240, 25 fps, 4-12 s, MPEG-4 Part 2 in AVI (prepare.synthetic.write_video: fixed
@@ -23,9 +24,11 @@ frame_size(info, min_pixels, max_pixels), the same for every method. Methods, in
   cache         the cache-hit path of VideoDataset.__getitem__: data.cached_clip (a memory-mapped
                 file of every frame, already scaled) + picking the N frames; the cache is filled first,
                 untimed.
-Each round runs every method on each clip in turn; a method's time on a clip is its best round (the
-machine is shared: the best round is the least disturbed one), and clips/s = clips / the sum of those.
-One process, one decoder thread each, as in a DataLoader worker.
+Each round runs every method on each clip in turn; a method's time on a clip is its best round, and
+clips/s = clips / the sum of those. Time is this process's CPU time by default: every method runs on
+one thread (decoders, scaler, torch), as in a DataLoader worker, so CPU seconds are the seconds it
+would take on a core of its own, and other jobs on a shared machine do not leak into the ratios.
+`--wall` times with the wall clock instead.
 """
 
 import argparse
@@ -97,7 +100,14 @@ def main(argv=None):
     p.add_argument("--max-pixels", type=int, default=128 * 128, help="video_max_pixels (UCF101 config: 16384)")
     p.add_argument("--min-pixels", type=int, default=56 * 56, help="video_min_pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wall", action="store_true", help="wall-clock time instead of this process's CPU time")
+    p.add_argument("--loader", metavar="CONFIG", help="instead: time train.py's DataLoader on CONFIG's training set")
+    p.add_argument("--batches", type=int, default=20, help="--loader: batches to time per setting")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="--loader: dataloader_num_workers values")
     args = p.parse_args(argv)
+    if args.loader:
+        return time_loader(args)
+    clock = time.perf_counter if args.wall else time.process_time
 
     import torch
     from transformers.video_utils import VideoMetadata
@@ -140,7 +150,8 @@ def main(argv=None):
 
                 def prep_base(path, indices, size, info):
                     frames = baseline_frames(path, indices, size)
-                    meta = VideoMetadata(total_num_frames=info.num_frames, fps=info.fps, frames_indices=indices.tolist())
+                    meta = VideoMetadata(total_num_frames=info.num_frames, fps=info.fps,
+                                         frames_indices=indices.tolist())
                     processor(text=[data.prompt_text(processor, MESSAGES)], videos=[frames], video_metadata=[meta],
                               do_sample_frames=False, padding=True, return_tensors="pt")
 
@@ -162,14 +173,14 @@ def main(argv=None):
                 for _ in range(args.rounds):
                     for c, ((path, indices, size), info) in enumerate(zip(plan, kind_infos)):
                         for name, fn in methods.items():
-                            t = time.perf_counter()
+                            t = clock()
                             fn(path, indices, size, info)
-                            best[name][c] = min(best[name][c], time.perf_counter() - t)
+                            best[name][c] = min(best[name][c], clock() - t)
                 rows.append((kind, n, {name: len(plan) / sum(best[name]) for name in methods}))
 
     header = (f"{'clips':<5} {'N':>3} | {'baseline':>8} {'decode':>8} {'ratio':>6} | {'prep base':>9} "
               f"{'prep ours':>9} {'ratio':>6} | {'cache':>8} {'ratio':>6}")
-    print("clips per second (one process); ratio = ours / baseline")
+    print(f"clips per {'wall-clock' if args.wall else 'CPU'} second (one process, one thread); ratio = ours / baseline")
     print(header)
     print("-" * len(header))
     for kind, n, r in rows:
@@ -178,13 +189,50 @@ def main(argv=None):
               f"{r['cache']:>8.0f} {r['cache'] / r['baseline']:>5.1f}x")
 
 
+def time_loader(args):
+    """Wall-clock batches/s of train.py's training DataLoader (its dataset, Collator and batch order)
+    for each worker count, without and with a (pre-filled) frame cache. Compare with the demo's step
+    time (runs/<name>/metrics.jsonl: elapsed_s / step) to see whether training waits on data."""
+    import dataclasses
+
+    import train
+    from model import load_processor
+    cfg = train.parse_config(["--config", args.loader])
+    processor, act_id = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+    collate = data.Collator(processor, act_id)
+    with tempfile.TemporaryDirectory(prefix="actcls-loader-") as cache:
+        print(f"{args.loader}: batch {cfg.per_device_train_batch_size}, video_fps {cfg.video_fps}, "
+              f"maxlen {cfg.video_maxlen}, budget {cfg.video_min_pixels}..{cfg.video_max_pixels}; "
+              f"{args.batches} batches after the first (wall clock)")
+        for cache_dir in (None, cache):
+            cfg = dataclasses.replace(cfg, video_cache_dir=cache_dir)
+            dataset, counts, weights, _ = train.load_datasets(cfg, cfg.train_datasets)
+            batches = data.train_batches(counts, weights, cfg.per_device_train_batch_size, 1, 1, 0, 0, cfg.seed)
+            batches = batches[:args.batches + 1]
+            if cache_dir is not None:  # fill it, untimed: the second epoch onwards
+                for key in {k for b in batches for k in b}:
+                    dataset[key]
+            for workers in args.workers:
+                loader = train.make_loader(dataset, batches, collate,
+                                           dataclasses.replace(cfg, dataloader_num_workers=workers))
+                t0 = time.perf_counter()
+                it = iter(loader)
+                next(it)
+                t1 = time.perf_counter()
+                count = sum(1 for _ in it)
+                t2 = time.perf_counter()
+                print(f"  cache {'on ' if cache_dir else 'off'}  workers {workers}: first batch {t1 - t0:5.2f} s, then "
+                      f"{count / (t2 - t1):6.1f} batches/s ({(t2 - t1) / count * 1000:.0f} ms a batch, "
+                      f"{count * cfg.per_device_train_batch_size / (t2 - t1):.0f} clips/s)")
+
+
 def check_same_inputs(item, info, processor, collate, decode_ours):
     """Both preparations give the model the same tensor shapes (same grid, same token count)."""
     from transformers.video_utils import VideoMetadata
     path, indices, size = item
     meta = VideoMetadata(total_num_frames=info.num_frames, fps=info.fps, frames_indices=indices.tolist())
-    base = processor(text=[data.prompt_text(processor, MESSAGES)], videos=[baseline_frames(path, indices, size)], video_metadata=[meta],
-                     do_sample_frames=False, padding=True, return_tensors="pt")
+    base = processor(text=[data.prompt_text(processor, MESSAGES)], videos=[baseline_frames(path, indices, size)],
+                     video_metadata=[meta], do_sample_frames=False, padding=True, return_tensors="pt")
     info, indices, frames = decode_ours(path, indices)
     ours = collate([{"frames": frames, "indices": indices, "info": info, "index": 0,
                      "sample": data.Sample(path, MESSAGES, 0, "default", "bench")}])["inputs"]

@@ -445,7 +445,7 @@ def padding_main(args):
     processor = build_processor(args.video_min_pixels, args.video_max_pixels)
     processor.tokenizer.add_special_tokens({"extra_special_tokens": [ACT_TOKEN]}, replace_extra_special_tokens=False)
     settings = VideoSettings(args.video_fps, args.video_maxlen, None, args.video_min_pixels, args.video_max_pixels)
-    parts = [load_samples(path, None, 10**9) for path in args.padding]
+    parts = [load_samples(path, None, 10**9)[0] for path in args.padding]  # (samples, bad_videos)
     dataset = VideoDataset([s for part in parts for s in part], settings)
     text = np.array([len(processor.tokenizer(prompt_text(processor, s.messages))["input_ids"]) - 1
                      for s in dataset.samples])

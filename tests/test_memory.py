@@ -52,7 +52,7 @@ def build(cfg, like=None):
 
 
 def make_batch(synthetic_dir, processor, model, indices, question_lengths=None):
-    samples = load_samples(os.path.join(synthetic_dir, "train.jsonl"), None, 6)
+    samples, _ = load_samples(os.path.join(synthetic_dir, "train.jsonl"), None, 6)
     if question_lengths is not None:  # different prompt lengths: the batch needs padding
         for i, n in zip(indices, question_lengths):
             samples[i] = dataclasses.replace(samples[i], messages=[
@@ -74,7 +74,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, synthet
         reference = reference if reference is not None else model
         model.train()
         counted = []
-        model.backbone.language_model.layers[0].mlp.register_forward_hook(lambda *_: counted.append(1))
+        # a pre-hook: checkpointing's recompute stops early (inside the mlp) once it has what backward needs
+        model.backbone.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: counted.append(1))
         batch = make_batch(synthetic_dir, processor, model, [0, 1, 2], question_lengths=[1, 3, 2])
         torch.manual_seed(1)  # the same dropout masks (checkpointing replays the RNG state)
         F.cross_entropy(model("default", **batch["inputs"]), batch["labels"]).backward()
@@ -227,9 +228,10 @@ def test_group_by_length_through_batch_stream(mixed_length_set, tiny_model_dir, 
                                     0, 1, 0, 0)
         pad = slots = 0
         seen = []
-        for _ in range(len(dataset) // 2):  # one epoch
-            epoch, _, batch = next(stream)
-            assert epoch == 0
+        per_epoch = len(dataset) // 2
+        for step in range(per_epoch):  # one epoch; the stream reports where the next batch comes from
+            epoch, position, batch = next(stream)
+            assert (epoch, position) == ((0, step + 1) if step < per_epoch - 1 else (1, 0))
             ids, mask = batch["inputs"]["input_ids"], batch["inputs"]["attention_mask"]
             for row, j in enumerate(batch["index"].tolist()):
                 assert (ids[row] == video_pad).sum().item() == lengths[j]

@@ -33,7 +33,7 @@ def perturb_adapters(model, seed=0):
 
 
 def batch_of(synthetic_dir, processor, act_id, indices, messages=None):
-    samples = load_samples(os.path.join(synthetic_dir, "train.jsonl"), None, 6)
+    samples, _ = load_samples(os.path.join(synthetic_dir, "train.jsonl"), None, 6)
     if messages is not None:  # vary prompt lengths so the batch needs padding
         for i, m in zip(indices, messages):
             samples[i] = dataclasses.replace(samples[i], messages=m)
@@ -85,7 +85,7 @@ def test_act_hidden_equals_full_forward_hidden_state(tiny_model_dir, synthetic_d
     with torch.no_grad():
         ours = model.act_hidden(**batch["inputs"])
 
-    dataset = VideoDataset(load_samples(os.path.join(synthetic_dir, "train.jsonl"), None, 6), SETTINGS)
+    dataset = VideoDataset(load_samples(os.path.join(synthetic_dir, "train.jsonl"), None, 6)[0], SETTINGS)
     frames = []
     for i in indices:
         item = dataset[(i, 0, False)]

@@ -125,6 +125,12 @@ def textured_clip(rng, num_frames, height, width):
     return out
 
 
+def write_clip(path, num_frames, fps, height=240, width=320, seed=0):
+    write_video(str(path), textured_clip(np.random.default_rng(seed), num_frames, height, width), fps)
+    return str(path)
+
+
+
 # ---------------------------------------------------------------------------------------------------
 # exact frames
 
@@ -253,10 +259,10 @@ def test_clip_shorter_than_the_request(videos):
 # ---------------------------------------------------------------------------------------------------
 # temporal positions follow the sampled frame rate
 
-def dataset_item(path, video_fps, min_pixels=3136, max_pixels=3136):
+def dataset_item(path, video_fps, video_num_frames=None):
     sample = Sample(path, [{"role": "user", "content": "<video>What is happening?"},
                            {"role": "assistant", "content": f"It is {ACT_TOKEN}."}], 0, "default", "test:1")
-    settings = VideoSettings(video_fps, 128, None, min_pixels, max_pixels)
+    settings = VideoSettings(video_fps, 128, video_num_frames, 3136, 3136)
     return VideoDataset([sample], settings)[(0, 0, False)]
 
 
@@ -270,37 +276,41 @@ def processor():
 def test_temporal_position_steps_follow_the_frame_rate(tmp_path, processor):
     from transformers import Qwen2_5_VLModel
 
-    path = write_clip(tmp_path / "clip.avi", 100, 25, 120, 160)  # 4 s
+    clip25 = write_clip(tmp_path / "clip.avi", 100, 25, 120, 160)  # 4 s at 25 fps
+    clip12 = write_clip(tmp_path / "clip.webm", 48, 12, 120, 160)  # 4 s at 12 fps
     collate = Collator(processor, processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN))
     config = tiny_config(hidden=64, layers=1, heads=4, vision_depth=1, vision_hidden=32)
     model = Qwen2_5_VLModel(config)
-    steps = {}
-    for rate in (1.0, 2.0, 4.0):
-        item = dataset_item(path, rate)
-        assert len(item["indices"]) == 4 * rate  # 4 s at `rate` frames per second
+
+    def temporal_step(item):
         batch = collate([item])["inputs"]
         position_ids, _ = model.get_rope_index(
             batch["input_ids"], batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
             second_per_grid_ts=batch["second_per_grid_ts"], attention_mask=batch["attention_mask"])
         temporal = position_ids[0, 0][batch["mm_token_type_ids"][0] == 2].unique()
-        assert len(temporal) == 4 * rate / 2  # one position per temporal patch of 2 frames
+        assert len(temporal) == len(item["indices"]) / 2  # one position per temporal patch of 2 frames
         step = set(torch.diff(temporal).tolist())
         assert len(step) == 1  # evenly spaced
-        steps[rate] = step.pop()
-    # the step is proportional to the time between patches: 2 frames / rate, in tokens_per_second
+        return step.pop()
+
+    steps = {}
+    for rate in (1.0, 2.0, 4.0):
+        item = dataset_item(clip25, rate)
+        assert len(item["indices"]) == 4 * rate  # 4 s at `rate` frames per second
+        steps[rate] = temporal_step(item)
+    # the step is the time between patches (2 frames / rate) in tokens_per_second units
     assert steps[1.0] / steps[2.0] == 2.0 and steps[2.0] / steps[4.0] == 2.0
     assert steps[1.0] == config.vision_config.tokens_per_second * 2 / 1.0
-
-
-def write_clip(path, num_frames, fps, height=240, width=320, seed=0):
-    write_video(str(path), textured_clip(np.random.default_rng(seed), num_frames, height, width), fps)
-    return str(path)
+    # real time, not frame numbers: another native frame rate, or a fixed count, same spacing in time
+    assert temporal_step(dataset_item(clip12, 2.0)) == steps[2.0]
+    assert temporal_step(dataset_item(clip25, 2.0, video_num_frames=16)) == steps[4.0]
 
 
 # ---------------------------------------------------------------------------------------------------
 # early scaling matches the processor's own resize
 
-@pytest.mark.parametrize("ext,fps,size", [(".avi", 25, (240, 320)), (".webm", 12, (240, 426)), (".mp4", 25, (180, 240))])
+@pytest.mark.parametrize("ext,fps,size", [(".avi", 25, (240, 320)), (".webm", 12, (240, 426)),
+                                          (".mp4", 25, (180, 240))])
 def test_scaling_in_the_decoder_matches_the_processor(tmp_path, processor, ext, fps, size):
     """decode_frames(size=...) scales inside FFmpeg's converter; the processor resizing full-size
     frames itself (torchvision bicubic, antialiased) must give the same grid and close pixels.
@@ -321,7 +331,8 @@ def test_scaling_in_the_decoder_matches_the_processor(tmp_path, processor, ext, 
         budget = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         ref = video_processor(videos=[full], size=budget, return_tensors="pt")
         out = video_processor(videos=[ours], size=budget, do_resize=False, return_tensors="pt")
-        assert out["video_grid_thw"].tolist() == ref["video_grid_thw"].tolist() == [[len(indices) // 2, h // 14, w // 14]]
+        grid = [[len(indices) // 2, h // 14, w // 14]]
+        assert out["video_grid_thw"].tolist() == ref["video_grid_thw"].tolist() == grid
         std = torch.tensor(video_processor.image_std).repeat_interleave(2 * 14 * 14)  # (C, T, P, P) rows
         diff = ((out["pixel_values_videos"] - ref["pixel_values_videos"]) * std).abs() * 255
         assert diff.mean() < 2.5, diff.mean()
@@ -340,6 +351,9 @@ def test_cache_items_equal_uncached(tmp_path, videos, monkeypatch):
     cached = VideoDataset(samples, VideoSettings(8.0, 16, None, 3136, 6272, cache))
     keys = [(i, epoch, train) for i in range(len(paths)) for epoch, train in [(0, True), (1, True), (0, False)]]
     expected = {key: plain[key] for key in keys}
+    for (i, _, _), item in expected.items():  # uncached items are decode_frames at the budget size
+        size = frame_size(item["info"], 3136, 6272)
+        assert np.array_equal(item["frames"], decode_frames(paths[i], item["indices"], size))
 
     def check():
         for key in keys:
@@ -365,7 +379,8 @@ def test_cache_survives_broken_files_and_concurrent_workers(tmp_path):
     # eight samples of one clip, two workers: they race to write the same file
     dataset = VideoDataset([Sample(clip, [], 0, "default", f"test:{i}") for i in range(8)], settings)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[(i, 0, True)] for i in range(8)],
-                                         collate_fn=lambda items: items[0]["frames"], num_workers=2)
+                                         collate_fn=lambda items: items[0]["frames"], num_workers=2,
+                                         timeout=120)  # a deadlocked worker fails instead of hanging
     expected = [VideoDataset(dataset.samples, VideoSettings(4.0, 16, None, 3136, 6272))[(i, 0, True)]["frames"]
                 for i in range(8)]
     for got, want in zip(loader, expected):
