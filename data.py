@@ -394,13 +394,14 @@ def num_frames_to_sample(info, video_fps, video_maxlen, video_num_frames):
     return max(2, n - n % 2)
 
 
-def sample_indices(num_frames, n, rng=None):
+def sample_indices(num_frames, n, rng=None, offset=0.5):
     """TSN segment sampling: split the clip into n equal segments and take one frame from each, at a
-    random offset (training, rng given) or the segment centre (evaluation, rng None). A clip shorter
-    than n frames repeats frames rather than failing."""
+    random offset (training, rng given) or at `offset` of each segment (evaluation: 0.5, the centre;
+    clip c of C evaluation clips uses (c + 0.5) / C). A clip shorter than n frames repeats frames
+    rather than failing."""
     edges = np.linspace(0, num_frames, n + 1)
     if rng is None:
-        points = (edges[:-1] + edges[1:]) / 2
+        points = edges[:-1] + offset * (edges[1:] - edges[:-1])
     else:
         points = edges[:-1] + rng.random(n) * (edges[1:] - edges[:-1])
     return np.clip(np.floor(points).astype(np.int64), 0, num_frames - 1)
@@ -507,9 +508,17 @@ class VideoSettings:
     video_cache_dir: str | None = None  # see cached_clip
 
 
+SINGLE_VIEW = (0, 1, 0, 1)  # (clip, num_clips, crop, num_crops)
+
+
 class VideoDataset(torch.utils.data.Dataset):
-    """Items are addressed as (index, epoch, train): the random frame offsets come from a generator
-    seeded by (seed, epoch, index), so they do not depend on workers and resume exactly."""
+    """Items are addressed as (index, epoch, train, view): the random frame offsets come from a
+    generator seeded by (seed, epoch, index), so they do not depend on workers and resume exactly;
+    `view` picks one of the evaluation views (temporal clip x spatial crop).
+
+    A video that cannot be read (truncated, not a video, fewer frames than its header says) does not
+    stop the run: the next readable sample stands in, and the item lists what was skipped. In
+    evaluation the stand-in is marked invalid, so it counts nowhere."""
 
     def __init__(self, samples, settings, seed=0):
         self.samples, self.settings, self.seed = samples, settings, seed
@@ -518,22 +527,47 @@ class VideoDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        index, epoch, train = key
+        index, epoch, train, view = key if len(key) == 4 else (*key, SINGLE_VIEW)
+        skipped = []
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                item = self.load(i, epoch, train, view)
+            except DataError as e:
+                skipped.append(f"{self.samples[i].source}: {e}")
+                continue
+            return {**item, "index": index, "valid": train or i == index, "skipped": skipped}
+        raise DataError(f"no readable video among {len(self.samples)} samples:\n" + "\n".join(skipped[:20]))
+
+    def load(self, index, epoch, train, view):
         sample, s = self.samples[index], self.settings
         rng = np.random.default_rng([self.seed, epoch, index]) if train else None
+        clip, num_clips, crop, num_crops = view
 
         def choose(info):
             n = num_frames_to_sample(info, s.video_fps, s.video_maxlen, s.video_num_frames)
-            return sample_indices(info.num_frames, n, rng)
+            return sample_indices(info.num_frames, n, rng, offset=(clip + 0.5) / num_clips)
 
         if s.video_cache_dir is not None:  # all frames of the clip, already scaled; pick on read
-            info, clip = cached_clip(sample.video, s.video_cache_dir, s.video_min_pixels, s.video_max_pixels)
+            info, frames = cached_clip(sample.video, s.video_cache_dir, s.video_min_pixels, s.video_max_pixels)
             indices = choose(info)
-            frames = np.ascontiguousarray(clip[indices])
+            frames = np.ascontiguousarray(frames[indices])
         else:  # one open: probe, choose, decode just those frames
             info, indices, frames = load_clip(
                 sample.video, choose, lambda info: frame_size(info, s.video_min_pixels, s.video_max_pixels))
-        return {"frames": frames, "indices": indices, "info": info, "sample": sample, "index": index}
+        return {"frames": spatial_crop(frames, crop, num_crops), "indices": indices, "info": info, "sample": sample}
+
+
+def spatial_crop(frames, crop, num_crops):
+    """Crop `crop` of `num_crops` (1: the whole frame; 3: the start, centre and end of the longer side,
+    as squares of the shorter side: the 3-crop test of the action recognition literature). The frames
+    are already scaled, so sides stay multiples of 28."""
+    if num_crops == 1:
+        return frames
+    height, width = frames.shape[1:3]
+    side = min(height, width)
+    start = (max(height, width) - side) * crop // (num_crops - 1) // 28 * 28
+    return frames[:, start:start + side] if height > width else frames[:, :, start:start + side]
 
 
 def prompt_messages(messages):
@@ -576,7 +610,7 @@ class Collator:
             do_sample_frames=False, padding=True, return_tensors="pt")
         is_act = batch["input_ids"] == self.act_token_id
         assert (is_act.sum(1) == 1).all(), "every row must hold exactly one <ACT>"
-        labels = [it["sample"].label for it in items]
+        labels = [it["sample"].label if it["valid"] else None for it in items]
         return {
             "inputs": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                        "mm_token_type_ids": batch["mm_token_type_ids"],
@@ -588,6 +622,8 @@ class Collator:
             "label_space": spaces.pop(),
             "index": torch.tensor([it["index"] for it in items]),
             "sources": [it["sample"].source for it in items],  # "file:line" of each record
+            "valid": torch.tensor([it["valid"] for it in items]),
+            "skipped": [msg for it in items for msg in it["skipped"]],
         }
 
 
@@ -648,7 +684,102 @@ def train_batches(dataset_sizes, weights, batch_size, accumulation, world_size, 
     return batches
 
 
-def eval_batches(num_samples, batch_size, world_size, rank):
+def eval_batches(num_samples, batch_size, world_size, rank, view=SINGLE_VIEW):
     """Each sample exactly once across ranks (no padding duplicates, unlike DistributedSampler)."""
     mine = list(range(rank, num_samples, world_size))
-    return [[(j, 0, False) for j in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
+    return [[(j, 0, False, view) for j in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets as configured (train_datasets / eval_datasets) and the loaders over them
+
+@dataclass
+class DatasetMix:
+    """Several dataset files concatenated into one VideoDataset; global index i belongs to entry
+    `entry_of(i)`. `classes`: label_space -> class names, from a classes.json beside the records."""
+    dataset: VideoDataset
+    names: list  # one per entry, for per-dataset metrics
+    spaces: list  # each entry's label space
+    counts: list
+    weights: list
+    classes: dict
+    bad_videos: list  # records left out because their video is missing or empty
+    warning: str | None  # what to tell the user about them
+
+    def entry_of(self, index):
+        return int(np.searchsorted(np.cumsum(self.counts), index, side="right"))
+
+
+def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0, require_label=True):
+    samples, counts, weights, names, spaces, classes, bad_videos = [], [], [], [], [], {}, []
+    for entry in entries:
+        space = entry.get("label_space", "default")
+        spaces.append(space)
+        part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label)
+        samples, bad_videos = samples + part, bad_videos + bad
+        counts.append(len(part))
+        weights.append(float(entry.get("weight", 1.0)))
+        names.append(entry.get("name", os.path.basename(os.path.dirname(os.path.abspath(entry["path"])))))
+        names_file = os.path.join(os.path.dirname(os.path.abspath(entry["path"])), "classes.json")
+        if os.path.isfile(names_file):
+            with open(names_file, encoding="utf-8") as f:
+                class_names = json.load(f)
+            if len(class_names) != head_sizes[space]:
+                raise DataError(f"{names_file} lists {len(class_names)} classes but label space {space!r} has "
+                                f"{head_sizes[space]} (num_action_classes / label_spaces): make them agree")
+            classes[space] = class_names
+    if len(set(names)) < len(names):  # two files in folders of the same name: tell them apart
+        names = [f"{n}/{os.path.basename(e['path'])}" for n, e in zip(names, entries)]
+    warning = check_bad_videos(bad_videos, len(samples) + len(bad_videos), max_bad_video_fraction)
+    return DatasetMix(VideoDataset(samples, settings, seed), names, spaces, counts, weights, classes, bad_videos,
+                      warning)
+
+
+def make_loader(dataset, batches, collate, num_workers, seed):
+    """Workers start from a forkserver, not a fork of the training process: forking a process that
+    runs threads (TensorBoard's writer, FFmpeg's, OpenMP's) can copy a held lock into the child and
+    hang it. They persist, so they start once. Its own generator: creating an iterator must not draw
+    from the global RNG (dropout's), or a resumed run would drift from an uninterrupted one."""
+    context = None
+    if num_workers:
+        context = torch.multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "transformers", "data"])  # imported once, in the server
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                                       multiprocessing_context=context, persistent_workers=num_workers > 0,
+                                       generator=torch.Generator().manual_seed(seed),
+                                       prefetch_factor=4 if num_workers else None)
+
+
+class EpochBatches:
+    """This rank's micro-batches, epoch after epoch without end, from (epoch, position) on. One
+    DataLoader iterates it for the whole run."""
+
+    def __init__(self, mix, cfg, world, rank, epoch, position, lengths=None):
+        self.args = (mix.counts, mix.weights, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                     world, rank)
+        self.seed, self.epoch, self.position, self.lengths = cfg.seed, epoch, position, lengths
+        self.per_epoch = len(self.batches(0))
+        if self.per_epoch == 0:
+            raise DataError("the training set is smaller than one optimizer step (per_device_train_batch_size x "
+                            "gradient_accumulation_steps x world size): lower the batch size")
+
+    def batches(self, epoch):
+        return train_batches(*self.args, epoch, self.seed, self.lengths)
+
+    def __iter__(self):
+        epoch, position = self.epoch, self.position
+        while True:
+            yield from self.batches(epoch)[position:]
+            epoch, position = epoch + 1, 0
+
+
+def batch_stream(mix, collate, cfg, rank, world, epoch, position):
+    """Yields (epoch, position, batch), where (epoch, position) is where the next batch comes from:
+    what a checkpoint records to resume mid-epoch."""
+    lengths = sample_lengths(mix.dataset) if cfg.group_by_length else None  # one probe per clip, once
+    plan = EpochBatches(mix, cfg, world, rank, epoch, position, lengths)
+    for batch in make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed):
+        position += 1
+        if position == plan.per_epoch:
+            epoch, position = epoch + 1, 0
+        yield epoch, position, batch

@@ -8,7 +8,6 @@ arguments), so `ActionDecoder.from_pretrained(dir)` rebuilds it without the trai
 import json
 import os
 
-import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 

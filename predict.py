@@ -17,7 +17,7 @@ import sys
 import torch
 import yaml
 
-from data import Collator, VideoDataset, VideoSettings, eval_batches, load_samples, Sample
+from data import Collator, Sample, VideoDataset, VideoSettings, load_samples
 from model import build_classifier, load_weights
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
@@ -67,18 +67,28 @@ def collect_samples(inputs, label_space, num_classes):
 
 @torch.no_grad()
 def predict(model, processor, samples, cfg, label_space, top_k, batch_size, device):
-    """Yields (sample, [(class_index, probability), ...]) in input order."""
+    """Yields (sample, [(class_index, probability), ...] or None for an unreadable video), in input
+    order. Sampling and views as in evaluation: softmax probabilities averaged over the views."""
+    from train import eval_views
+
     settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
                              cfg.video_max_pixels)
+    views = eval_views(cfg)
     dataset = VideoDataset(samples, settings)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=eval_batches(len(samples), batch_size, 1, 0),
-                                         collate_fn=Collator(processor, model.act_token_id))
-    for batch in loader:
-        inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
-        probs = model(label_space, **inputs).softmax(-1)
+    collate = Collator(processor, model.act_token_id)
+    for start in range(0, len(samples), batch_size):
+        chunk = range(start, min(start + batch_size, len(samples)))
+        probs, valid = 0, None
+        for view in views:
+            batch = collate([dataset[(i, 0, False, view)] for i in chunk])
+            for message in batch["skipped"] if view == views[0] else []:
+                print(f"unreadable video: {message}", file=sys.stderr)
+            inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+            probs = probs + model(label_space, **inputs).float().softmax(-1).cpu() / len(views)
+            valid = batch["valid"]
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        for i, vals, idxs in zip(batch["index"].tolist(), top.values.tolist(), top.indices.tolist()):
-            yield samples[i], list(zip(idxs, vals))
+        for row, i in enumerate(chunk):
+            yield samples[i], list(zip(top.indices[row].tolist(), top.values[row].tolist())) if valid[row] else None
 
 
 def main(argv=None):
@@ -100,7 +110,10 @@ def main(argv=None):
     names = classes.get(space, [str(i) for i in range(model.heads[space].config["num_classes"])])
     samples = collect_samples(args.inputs, space, len(names))
     for sample, top in predict(model, processor, samples, cfg, space, args.top_k, args.batch_size, device):
-        if args.json:
+        if top is None:
+            print(json.dumps({"video": sample.video, "error": "unreadable video"}) if args.json
+                  else f"{sample.video}\n  unreadable video (see the warning above)")
+        elif args.json:
             print(json.dumps({"video": sample.video, "label": sample.label,
                               "top": [{"class": names[c], "index": c, "prob": round(pr, 6)} for c, pr in top]}))
         else:

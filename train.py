@@ -33,8 +33,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (Collator, DataError, check_bad_videos, VideoDataset, VideoSettings, eval_batches, load_samples, sample_lengths,
-                  train_batches)
+from data import Collator, DataError, VideoSettings, batch_stream, eval_batches, load_datasets, make_loader
 from model import build_classifier, load_weights, save_weights
 
 
@@ -100,14 +99,19 @@ class Config:
     save_steps: int = 0  # 0: save at the end only
     save_total_limit: int = 2
     resume: str | None = None  # "auto" (newest complete checkpoint in output_dir) or a checkpoint dir
+    # evaluation
+    eval_num_clips: int = 1  # temporal views per video (frame offsets shifted inside each segment)
+    eval_num_crops: int = 1  # spatial views: 1 (whole frame) or 3 (start/centre/end squares)
+    eval_only: bool = False  # evaluate `checkpoint` on eval_datasets, write eval.json, predictions.jsonl
+    checkpoint: str | None = None
 
 
-CHOICES = {"finetuning_type": ("lora", "full", "freeze"), "action_decoder_type": ("linear", "mlp"),
+CHOICES = {"finetuning_type": ("lora", "full", "freeze"), "eval_num_crops": (1, 3), "action_decoder_type": ("linear", "mlp"),
            "lr_scheduler_type": ("cosine", "linear", "constant"),
            "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
 POSITIVE = ("num_action_classes", "lora_rank", "video_fps", "video_maxlen", "video_max_pixels",
             "video_min_pixels", "per_device_train_batch_size", "per_device_eval_batch_size",
-            "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "logging_steps")
+            "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "logging_steps", "eval_num_clips")
 NON_NEGATIVE = ("max_bad_video_fraction", "weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
                 "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "action_token_lr_scale",
                 "head_lr_scale")
@@ -177,13 +181,16 @@ def parse_config(argv):
             raw = yaml.safe_load(f) or {}
         if not isinstance(raw, dict):
             raise SystemExit(f"{args.config}: expected a mapping of config keys")
-    if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
-        raise SystemExit(f"overrides must be `--key value` pairs, got {rest}")
-    for key, value in zip(rest[::2], rest[1::2]):
-        raw[key[2:]] = yaml.safe_load(value)  # "3e-4" -> float, "[a, b]" -> list, "true" -> bool
+    while rest:  # `--key value`, the value parsed as YAML ("[a, b]" -> list); a bare `--flag` is true
+        key = rest.pop(0)
+        if not key.startswith("--"):
+            raise SystemExit(f"overrides must be `--key value` pairs; {key!r} has no key before it")
+        raw[key[2:]] = yaml.safe_load(rest.pop(0)) if rest and not rest[0].startswith("--") else True
     problems = config_problems(coerce_floats(raw))
-    if not problems and not (raw.get("train_datasets") or raw.get("eval_datasets")):
+    if not problems and not raw.get("eval_only") and not raw.get("train_datasets"):
         problems.append("train_datasets: at least one dataset is needed")
+    if not problems and raw.get("eval_only") and not (raw.get("checkpoint") and raw.get("eval_datasets")):
+        problems.append("eval_only needs --checkpoint DIR and eval_datasets")
     if problems:
         where = args.config if args.config is not None else "command line"
         raise SystemExit(f"config error(s) in {where}:\n  " + "\n  ".join(problems))
@@ -231,54 +238,6 @@ def all_reduce_sums(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-
-def load_datasets(cfg, entries, require_label=True):
-    sizes = head_sizes(cfg)
-    samples, counts, weights, classes, bad_videos = [], [], [], {}, []
-    for entry in entries:
-        space = entry.get("label_space", "default")
-        part, bad = load_samples(entry["path"], entry.get("video_root"), sizes[space], space, require_label)
-        samples += part
-        bad_videos += bad
-        counts.append(len(part))
-        weights.append(float(entry.get("weight", 1.0)))
-        names_file = os.path.join(os.path.dirname(os.path.abspath(entry["path"])), "classes.json")
-        if os.path.isfile(names_file):
-            with open(names_file, encoding="utf-8") as f:
-                names = json.load(f)
-            if len(names) != sizes[space]:
-                raise SystemExit(f"{names_file} lists {len(names)} classes but label space {space!r} has "
-                                 f"{sizes[space]} (num_action_classes / label_spaces): make them agree")
-            classes[space] = names
-    warning = check_bad_videos(bad_videos, len(samples) + len(bad_videos), cfg.max_bad_video_fraction)
-    if warning is not None:
-        print0(warning)
-    settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
-                             cfg.video_max_pixels, cfg.video_cache_dir)
-    return VideoDataset(samples, settings, cfg.seed), counts, weights, classes
-
-
-def make_loader(dataset, batches, collate, cfg):
-    """Workers start from a forkserver, not a fork of this process: forking a process that runs
-    threads (TensorBoard's writer, FFmpeg's, OpenMP's) can copy a held lock into the child and hang it.
-    Its own generator: creating an iterator must not draw from the global RNG (dropout's), or a
-    resumed run, which creates its iterator at another moment, would drift from an uninterrupted one."""
-    workers = cfg.dataloader_num_workers
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                                       multiprocessing_context=worker_context() if workers else None,
-                                       persistent_workers=workers > 0,
-                                       generator=torch.Generator().manual_seed(cfg.seed),
-                                       prefetch_factor=4 if workers else None)
-
-
-def worker_context():
-    context = torch.multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers", "data"])  # imported once, in the server
-    return context
 
 
 def to_device(inputs, device):
@@ -360,6 +319,11 @@ class MetricsLog:
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(f"{split}/{k}", v, step)
 
+    def image(self, step, tag, make):
+        """TensorBoard image; `make()` returns an HWC uint8 array and runs on rank 0 only."""
+        if self.enabled:
+            self.tb.add_image(tag, make(), step, dataformats="HWC")
+
     def close(self):
         if self.enabled:
             self.file.close()
@@ -389,8 +353,9 @@ def write_checkpoint_files(directory, model, optimizer, state, cfg, classes):
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(model, optimizer, state, cfg, classes, rank, device):
-    """All ranks call this; rank 0 writes. Returns the checkpoint's folder."""
+def save_checkpoint(model, optimizer, state, cfg, classes, rank, device, best=False):
+    """All ranks call this; rank 0 writes. `best`: also point checkpoints/best at it (a symlink
+    replaced atomically; pruning never removes its target). Returns the checkpoint's folder."""
     root = os.path.join(cfg.output_dir, "checkpoints")
     final = os.path.join(root, f"step_{state['step']:07d}")
     tmp = os.path.join(root, f".tmp_step_{state['step']:07d}")
@@ -414,8 +379,13 @@ def save_checkpoint(model, optimizer, state, cfg, classes, rank, device):
                   f"free space and resume with --resume auto.", file=sys.stderr, flush=True)
             failed = 1.0
         else:
+            if best:
+                os.symlink(os.path.basename(final), os.path.join(root, ".best.tmp"))
+                os.replace(os.path.join(root, ".best.tmp"), os.path.join(root, "best"))
+            keep = os.path.realpath(os.path.join(root, "best"))
             for old in checkpoint_dirs(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
-                shutil.rmtree(old, ignore_errors=True)
+                if os.path.realpath(old) != keep:
+                    shutil.rmtree(old, ignore_errors=True)
     if all_reduce_sums([failed], device)[0]:
         raise SystemExit(1)
     return final
@@ -469,35 +439,158 @@ def load_checkpoint(directory, model, optimizer, scheduler, rank, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Steps
+# Evaluation: every sample exactly once across ranks, views averaged as softmax probabilities
 
 def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
 
+def eval_views(cfg):
+    return [(c, cfg.eval_num_clips, k, cfg.eval_num_crops)
+            for c in range(cfg.eval_num_clips) for k in range(cfg.eval_num_crops)]
+
+
+def eval_loader(mix, collate, cfg, world, rank, views):
+    """Built once: its workers persist from one evaluation to the next."""
+    plan = [b for view in views for b in eval_batches(len(mix.dataset), cfg.per_device_eval_batch_size,
+                                                      world, rank, view)]
+    return make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed)
+
+
 @torch.no_grad()
-def evaluate(model, loader, cfg, device):
-    """Loss, top-1, top-5 over every eval sample exactly once; sums all-reduced across ranks."""
+def view_probabilities(model, loader, num_views, cfg, device):
+    """This rank's samples: {index: (softmax probabilities averaged over the views, label, source)};
+    label -1 when unknown (unlabelled, or an unreadable video that another one stood in for)."""
     model.eval()
-    sums = {}  # label_space -> [loss_sum, top1, top5, count]
+    out, skipped = {}, set()
     for batch in loader:
         with autocast(cfg, device):
             logits = model(batch["label_space"], **to_device(batch["inputs"], device)).float()
-        labels = batch["labels"].to(device)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        s = sums.setdefault(batch["label_space"], [0.0, 0.0, 0.0, 0.0])
-        s[0] += F.cross_entropy(logits, labels, reduction="sum").item()
-        s[1] += (top5[:, 0] == labels).sum().item()
-        s[2] += (top5 == labels[:, None]).any(1).sum().item()
-        s[3] += len(labels)
+        probs = logits.softmax(-1).cpu().double() / num_views
+        for row, index in enumerate(batch["index"].tolist()):
+            label = batch["labels"][row].item()
+            previous = out.get(index, (0, label, batch["sources"][row]))
+            out[index] = (previous[0] + probs[row], label if label >= 0 else -1, batch["sources"][row])
+        skipped.update(batch["skipped"])
     model.train()
-    results = {}
-    for space in head_sizes(cfg):  # every rank reduces the same spaces in the same order
-        loss, top1, top5, count = all_reduce_sums(sums.get(space, [0.0] * 4), device)
-        if count:
-            results[space] = {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "count": int(count)}
-    return results
+    return out, skipped
 
+
+def evaluate(model, loader, mix, cfg, device, num_views=1):
+    """Per eval dataset: loss (of the view-averaged probabilities), top-1, top-5, mean per-class
+    accuracy, count, and the confusion matrix; reduced across ranks as sums."""
+    probs, skipped = view_probabilities(model, loader, num_views, cfg, device)
+    sizes, results = head_sizes(cfg), {}
+    for d, (name, space) in enumerate(zip(mix.names, mix.spaces)):  # the same order on every rank
+        n = sizes[space]
+        stats = torch.zeros(2 + n * n, dtype=torch.float64)  # loss sum, top-5 hits, confusion (true, predicted)
+        for index, (p, label, _) in probs.items():
+            if label < 0 or mix.entry_of(index) != d:
+                continue
+            stats[0] -= math.log(max(p[label].item(), 1e-12))
+            stats[1] += float(label in p.topk(min(5, n)).indices)
+            stats[2 + label * n + p.argmax().item()] += 1
+        stats = torch.tensor(all_reduce_sums(stats.tolist(), device), dtype=torch.float64)
+        confusion = stats[2:].view(n, n)
+        count = confusion.sum().item()
+        if count:
+            per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+            seen = confusion.sum(1) > 0
+            results[name] = {"label_space": space, "loss": stats[0].item() / count,
+                             "top1": confusion.diag().sum().item() / count, "top5": stats[1].item() / count,
+                             "mean_class_acc": per_class[seen].mean().item(), "count": int(count),
+                             "confusion": confusion}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(skipped))
+    return results, probs, sorted(set().union(*gathered))
+
+
+def confusion_image(confusion, names):
+    """The confusion matrix as an RGB array, rows = true class, columns = predicted, normalised per
+    row, classes sorted by accuracy (worst first, so the problems sit together at the top), every
+    class labelled with its accuracy, and a colour scale. Readable at 101 and 174 classes."""
+    from PIL import Image, ImageDraw
+
+    counts = confusion.sum(1, keepdim=True).clamp(min=1)
+    rates = (confusion / counts).numpy()
+    order = np.argsort(np.diag(rates), kind="stable")
+    rates = rates[order][:, order]
+    n, cell = len(order), max(6, min(24, 1200 // max(1, len(order))))
+    labels = [f"{names[i][:40]}  {rates[r, r]:.2f}" for r, i in enumerate(order)]
+    margin = 8 + 6 * max(len(t) for t in labels)
+    top = 40
+    image = Image.new("RGB", (margin + n * cell + 90, top + n * cell + 20), "white")
+    heat = (255 * (1 - rates)).astype(np.uint8)  # white (0) .. dark blue (1)
+    block = np.stack([heat, heat, np.full_like(heat, 255)], -1).repeat(cell, 0).repeat(cell, 1)
+    image.paste(Image.fromarray(block, "RGB"), (margin, top))
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 8), "true class (rows, sorted by accuracy) vs predicted class (columns)", fill="black")
+    for r, text in enumerate(labels):
+        draw.text((4, top + r * cell + (cell - 10) // 2), text, fill="black")
+    for k in range(11):  # colour scale
+        y = top + int(k / 10 * min(n * cell, 300))
+        draw.rectangle([margin + n * cell + 10, y, margin + n * cell + 30, y + 30], fill=(int(255 * k / 10),) * 2 + (255,))
+        draw.text((margin + n * cell + 35, y), f"{1 - k / 10:.1f}", fill="black")
+    return np.asarray(image)
+
+
+def log_evaluation(log, step, results, classes, skipped):
+    for name, r in results.items():
+        scalars = {k: v for k, v in r.items() if k != "confusion"}
+        log.log(step, "val", dataset=name, **scalars, skipped_videos=len(skipped))
+        names = classes.get(r["label_space"], [str(i) for i in range(len(r["confusion"]))])
+        log.image(step, f"val/{name}/confusion", lambda r=r, names=names: confusion_image(r["confusion"], names))
+        print0(f"step {step} val[{name}] loss {r['loss']:.4f} top1 {r['top1']:.4f} top5 {r['top5']:.4f} "
+               f"mean class acc {r['mean_class_acc']:.4f} ({r['count']} samples)")
+    for message in skipped:
+        print0(f"skipped unreadable video: {message}")
+
+
+def run_eval_only(cfg, rank, world, device):
+    """Evaluates cfg.checkpoint (weights only, no optimizer) with eval_num_clips x eval_num_crops
+    views; writes eval.json, predictions.jsonl and confusion_<dataset>.png to output_dir."""
+    mix = load_mix(cfg, cfg.eval_datasets)
+    processor, model = build_classifier(cfg, head_sizes(cfg))
+    load_weights(model.to(device), cfg.checkpoint)
+    views = eval_views(cfg)
+    loader = eval_loader(mix, Collator(processor, model.act_token_id), cfg, world, rank, views)
+    results, probs, skipped = evaluate(model, loader, mix, cfg, device, len(views))
+    rows = [{"video": mix.dataset.samples[i].video, "record": source, "label": label if label >= 0 else None,
+             "top5": [[int(c), round(float(p[c]), 6)] for c in p.topk(min(5, len(p))).indices]}
+            for i, (p, label, source) in sorted(probs.items())]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        write_eval_outputs(cfg, mix, results, [r for part in gathered for r in part], skipped)
+
+
+def write_eval_outputs(cfg, mix, results, rows, skipped):
+    from PIL import Image
+
+    summary = {"checkpoint": cfg.checkpoint, "views": {"clips": cfg.eval_num_clips, "crops": cfg.eval_num_crops,
+                                                       "averaging": "softmax probabilities"},
+               "sampling": {k: getattr(cfg, k) for k in ("video_fps", "video_maxlen", "video_num_frames",
+                                                         "video_min_pixels", "video_max_pixels")},
+               "skipped_videos": skipped, "datasets": {}}
+    for name, r in results.items():
+        names = mix.classes.get(r["label_space"], [str(i) for i in range(len(r["confusion"]))])
+        confusion = r["confusion"]
+        per_class = {names[c]: {"accuracy": (confusion[c, c] / confusion[c].sum()).item(), "count": int(confusion[c].sum())}
+                     for c in range(len(names)) if confusion[c].sum() > 0}
+        summary["datasets"][name] = {**{k: v for k, v in r.items() if k != "confusion"}, "per_class": per_class,
+                                     "confusion": confusion.long().tolist()}
+        Image.fromarray(confusion_image(confusion, names)).save(os.path.join(cfg.output_dir, f"confusion_{name}.png"))
+        print0(f"{name}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} mean class acc {r['mean_class_acc']:.4f} "
+               f"loss {r['loss']:.4f} ({r['count']} samples)")
+    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(cfg.output_dir, "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print0(f"wrote eval.json, predictions.jsonl and confusion_*.png to {cfg.output_dir}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training steps
 
 def train_micro_step(ddp_model, batch, cfg, device, accumulation):
     with autocast(cfg, device):
@@ -508,149 +601,52 @@ def train_micro_step(ddp_model, batch, cfg, device, accumulation):
     return loss.item(), (logits.argmax(1) == labels).sum().item(), len(labels)
 
 
-class EpochBatches:
-    """This rank's micro-batches, epoch after epoch without end, from (epoch, position) on. One
-    DataLoader iterates it for the whole run, so its workers start once."""
-
-    def __init__(self, counts, weights, cfg, world, rank, epoch, position, lengths):
-        self.args = (counts, weights, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world, rank)
-        self.seed, self.epoch, self.position, self.lengths = cfg.seed, epoch, position, lengths
-        self.per_epoch = len(self.batches(0))
-        if self.per_epoch == 0:
-            raise SystemExit("the training set is smaller than one optimizer step (per_device_train_batch_size x "
-                             "gradient_accumulation_steps x world size): lower the batch size")
-
-    def batches(self, epoch):
-        return train_batches(*self.args, epoch, self.seed, self.lengths)
-
-    def __iter__(self):
-        epoch, position = self.epoch, self.position
-        while True:
-            yield from self.batches(epoch)[position:]
-            epoch, position = epoch + 1, 0
-
-
-def batch_stream(dataset, counts, weights, collate, cfg, rank, world, epoch, position):
-    """Yields (epoch, position, batch), where (epoch, position) is where the next batch comes from:
-    what a checkpoint records to resume mid-epoch."""
-    lengths = sample_lengths(dataset) if cfg.group_by_length else None  # one probe per clip, once
-    plan = EpochBatches(counts, weights, cfg, world, rank, epoch, position, lengths)
-    for batch in make_loader(dataset, plan, collate, cfg):
-        position += 1
-        if position == plan.per_epoch:
-            epoch, position = epoch + 1, 0
-        yield epoch, position, batch
-
-
-def total_steps(cfg, counts, weights, world):
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    per_epoch = sum(round(w * c) // per_step for c, w in zip(counts, weights))
-    return max(1, math.floor(per_epoch * cfg.num_train_epochs))
-
-
-# ---------------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    rank, world, device = setup_distributed()
-    try:
-        train(cfg, rank, world, device)
-    finally:
-        dist.destroy_process_group()
-
-
-def train(cfg, rank, world, device):
-    torch.manual_seed(cfg.seed + rank)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-
-    try:
-        train_set, counts, weights, classes = load_datasets(cfg, cfg.train_datasets)
-        eval_set = load_datasets(cfg, cfg.eval_datasets)[0] if cfg.eval_datasets else None
-    except DataError as e:
-        raise SystemExit(str(e)) from None
-    processor, model = build_classifier(cfg, head_sizes(cfg))
-    model.to(device)
-    collate = Collator(processor, model.act_token_id)
-    if eval_set is not None:  # built once: its workers persist from one evaluation to the next
-        eval_plan = eval_batches(len(eval_set), cfg.per_device_eval_batch_size, world, rank)
-        eval_loader = make_loader(eval_set, eval_plan, collate, cfg)
-    optimizer = build_optimizer(model, cfg)
-    steps = total_steps(cfg, counts, weights, world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
-
-    state = {"step": 0, "epoch": 0, "position": 0}
-    start = resume_dir(cfg)
-    if start is not None:
-        state = load_checkpoint(start, model, optimizer, scheduler, rank, cfg)
-        print0(f"resumed from {start} at step {state['step']}")
-    ddp_model = DDP(model, find_unused_parameters=len(model.heads) > 1)
-    log = MetricsLog(cfg.output_dir, rank == 0, after_step=state["step"])
-    stop = StopSignal()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"{len(train_set)} train samples, {world} rank(s), {steps} steps, {n_train:,} trainable parameters")
-
-    stream = batch_stream(train_set, counts, weights, collate, cfg, rank, world, state["epoch"], state["position"])
-    window = [0.0, 0.0, 0.0]  # loss_sum, correct, count since the last log line
-    bar = tqdm(total=steps, initial=state["step"], disable=rank != 0, desc="train", dynamic_ncols=True)
-    t0 = time.time()
-    while state["step"] < steps:
-        stats, batch = optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device)
-        window = [w + x for w, x in zip(window, stats)]
-        state["step"] += 1
-        bar.update(1)
-        stopping = all_reduce_sums([stop.requested], device)[0] > 0  # every rank stops at the same step
-        last = state["step"] == steps or stopping
-        if state["step"] % cfg.logging_steps == 0 or last:
-            loss_sum, correct, count = all_reduce_sums(window, device)
-            log.log(state["step"], "train", loss=loss_sum / count, top1=correct / count,
-                    lr=optimizer.param_groups[0]["lr"], epoch=state["epoch"], elapsed_s=round(time.time() - t0, 1))
-            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.2f}")
-            window = [0.0, 0.0, 0.0]
-        if eval_set is not None and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
-            for space, r in evaluate(ddp_model, eval_loader, cfg, device).items():
-                log.log(state["step"], "val", label_space=space, **r)
-                print0(f"step {state['step']} val[{space}] loss {r['loss']:.4f} top1 {r['top1']:.4f} "
-                       f"top5 {r['top5']:.4f} ({r['count']} samples)")
-        if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last:
-            saved = save_checkpoint(model, optimizer, state, cfg, classes, rank, device)
-        if stopping:
-            print0(f"stopped by {stop.name} after step {state['step']}; checkpoint {saved}; "
-                   f"continue with --resume auto")
-            break
-    bar.close()
-    log.close()
-    stop.restore()
-    print0(f"done: {state['step']} steps in {time.time() - t0:.0f}s; checkpoints in {cfg.output_dir}/checkpoints")
-
-
-def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device):
+def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device, skipped):
     """gradient_accumulation_steps micro-batches, gradients all-reduced on the last one only, then one
     update. Stops the run, before the update touches the weights, if any rank's loss is not finite."""
     stats, bad = [0.0, 0.0, 0.0], None
     for micro in range(cfg.gradient_accumulation_steps):
         state["epoch"], state["position"], batch = next(stream)
+        skipped.update(batch["skipped"])
         sync = micro == cfg.gradient_accumulation_steps - 1
         with nullcontext() if sync else ddp_model.no_sync():
             loss, correct, count = train_micro_step(ddp_model, batch, cfg, device, cfg.gradient_accumulation_steps)
         stats = [stats[0] + loss * count, stats[1] + correct, stats[2] + count]
         if not math.isfinite(loss) and bad is None:
-            bad = f"loss {loss} in micro-batch {micro} (epoch {state['epoch']}, batch {state['position']}, " \
-                  f"records {batch['sources']})"
+            bad = f"loss {loss} in micro-batch {micro} (epoch {state['epoch']}, records {batch['sources']})"
     if all_reduce_sums([bad is not None], device)[0]:
         raise SystemExit(f"non-finite loss at step {state['step'] + 1}: {bad if bad else 'on another rank'}. "
                          f"Nothing was updated or saved; the last checkpoint is untouched. Lower the learning "
-                         f"rate or check those samples.")
+                         f"rate or check those records.")
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats, batch
+    return stats
+
+
+def check_skipped(skipped, reported, upfront, total, cfg):
+    """Unreadable videos found while training (on any rank) plus those missing up front: report the
+    new ones, fail past max_bad_video_fraction of the training set. Returns how many were skipped."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(skipped))
+    found = set().union(*gathered)
+    for message in sorted(found - reported):
+        print0(f"skipped unreadable video (another sample stood in): {message}")
+    reported |= found
+    if len(found) + upfront > cfg.max_bad_video_fraction * total:
+        raise SystemExit(f"{len(found) + upfront} of {total} training videos are unreadable, more than "
+                         f"max_bad_video_fraction={cfg.max_bad_video_fraction}:\n" + "\n".join(sorted(found)[:20]))
+    return len(found)
+
+
+def total_steps(cfg, mix, world):
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    per_epoch = sum(round(w * c) // per_step for c, w in zip(mix.counts, mix.weights))
+    return max(1, math.floor(per_epoch * cfg.num_train_epochs))
 
 
 class StopSignal:
@@ -666,6 +662,106 @@ class StopSignal:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    rank, world, device = setup_distributed()
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if rank == 0:
+            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        (run_eval_only if cfg.eval_only else train)(cfg, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def load_mix(cfg, entries):
+    settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
+                             cfg.video_max_pixels, cfg.video_cache_dir)
+    try:
+        mix = load_datasets(entries, head_sizes(cfg), settings, cfg.max_bad_video_fraction, cfg.seed,
+                            require_label=entries is cfg.train_datasets)
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    if mix.warning is not None:
+        print0(mix.warning)
+    return mix
+
+
+def train(cfg, rank, world, device):
+    torch.manual_seed(cfg.seed + rank)
+    train_mix = load_mix(cfg, cfg.train_datasets)
+    eval_mix = load_mix(cfg, cfg.eval_datasets) if cfg.eval_datasets else None
+    classes = {**(eval_mix.classes if eval_mix else {}), **train_mix.classes}
+    processor, model = build_classifier(cfg, head_sizes(cfg))
+    model.to(device)
+    collate = Collator(processor, model.act_token_id)
+    views = eval_views(cfg)
+    evals = eval_loader(eval_mix, collate, cfg, world, rank, views) if eval_mix else None
+    optimizer = build_optimizer(model, cfg)
+    steps = total_steps(cfg, train_mix, world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+
+    state = {"step": 0, "epoch": 0, "position": 0, "best_top1": None}
+    start = resume_dir(cfg)
+    if start is not None:
+        state = {**state, **load_checkpoint(start, model, optimizer, scheduler, rank, cfg)}
+        print0(f"resumed from {start} at step {state['step']}")
+    ddp_model = DDP(model, find_unused_parameters=len(model.heads) > 1)
+    log = MetricsLog(cfg.output_dir, rank == 0, after_step=state["step"])
+    stop = StopSignal()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"{len(train_mix.dataset)} train samples, {world} rank(s), {steps} steps, {n_train:,} trainable parameters")
+    try:
+        train_loop(cfg, rank, world, device, model, ddp_model, optimizer, scheduler, train_mix, eval_mix, evals,
+                   len(views), collate, classes, state, steps, log, stop)
+    finally:
+        log.close()
+        stop.restore()
+
+
+def train_loop(cfg, rank, world, device, model, ddp_model, optimizer, scheduler, train_mix, eval_mix, evals,
+               num_views, collate, classes, state, steps, log, stop):
+    stream = batch_stream(train_mix, collate, cfg, rank, world, state["epoch"], state["position"])
+    upfront_bad = len(train_mix.bad_videos)
+    total = len(train_mix.dataset) + upfront_bad
+    window, skipped, reported = [0.0, 0.0, 0.0], set(), set()  # loss_sum, correct, count since the last log
+    bar = tqdm(total=steps, initial=state["step"], disable=rank != 0, desc="train", dynamic_ncols=True)
+    t0 = time.time()
+    while state["step"] < steps:
+        stats = optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device, skipped)
+        window = [w + x for w, x in zip(window, stats)]
+        state["step"] += 1
+        bar.update(1)
+        stopping = all_reduce_sums([stop.requested], device)[0] > 0  # every rank stops at the same step
+        last = state["step"] == steps or stopping
+        if state["step"] % cfg.logging_steps == 0 or last:
+            loss_sum, correct, count = all_reduce_sums(window, device)
+            log.log(state["step"], "train", loss=loss_sum / count, top1=correct / count,
+                    lr=optimizer.param_groups[0]["lr"], epoch=state["epoch"],
+                    skipped_videos=check_skipped(skipped, reported, upfront_bad, total, cfg),
+                    elapsed_s=round(time.time() - t0, 1))
+            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.2f}")
+            window = [0.0, 0.0, 0.0]
+        new_best = False
+        if evals is not None and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
+            results, _, eval_skipped = evaluate(ddp_model, evals, eval_mix, cfg, device, num_views)
+            log_evaluation(log, state["step"], results, classes, eval_skipped)
+            top1 = sum(r["top1"] for r in results.values()) / max(1, len(results))  # mean over datasets
+            new_best = state["best_top1"] is None or top1 > state["best_top1"]
+            state["best_top1"] = top1 if new_best else state["best_top1"]
+        if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or new_best:
+            saved = save_checkpoint(model, optimizer, state, cfg, classes, rank, device, best=new_best)
+        if stopping:
+            print0(f"stopped by {stop.name} after step {state['step']}; checkpoint {saved}; "
+                   f"continue with --resume auto")
+            break
+    bar.close()
+    print0(f"done: {state['step']} steps in {time.time() - t0:.0f}s; checkpoints in {cfg.output_dir}/checkpoints")
 
 
 if __name__ == "__main__":

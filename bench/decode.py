@@ -206,15 +206,15 @@ def time_loader(args):
               f"{args.batches} batches after the first (wall clock)")
         for cache_dir in (None, cache):
             cfg = dataclasses.replace(cfg, video_cache_dir=cache_dir)
-            dataset, counts, weights, _ = train.load_datasets(cfg, cfg.train_datasets)
-            batches = data.train_batches(counts, weights, cfg.per_device_train_batch_size, 1, 1, 0, 0, cfg.seed)
+            mix = train.load_mix(cfg, cfg.train_datasets)
+            dataset = mix.dataset
+            batches = data.train_batches(mix.counts, mix.weights, cfg.per_device_train_batch_size, 1, 1, 0, 0, cfg.seed)
             batches = batches[:args.batches + 1]
             if cache_dir is not None:  # fill it, untimed: the second epoch onwards
                 for key in {k for b in batches for k in b}:
                     dataset[key]
             for workers in args.workers:
-                loader = train.make_loader(dataset, batches, collate,
-                                           dataclasses.replace(cfg, dataloader_num_workers=workers))
+                loader = data.make_loader(dataset, batches, collate, workers, cfg.seed)
                 t0 = time.perf_counter()
                 it = iter(loader)
                 next(it)

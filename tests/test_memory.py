@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from data import Collator, VideoDataset, VideoSettings, load_samples, sample_lengths, train_batches
+from data import Collator, VideoDataset, VideoSettings, batch_stream, load_samples, sample_lengths, train_batches
 from model import build_classifier
 from prepare.synthetic import main as make_synthetic
 from train import Config, build_optimizer
@@ -215,7 +215,8 @@ def test_group_by_length_through_batch_stream(mixed_length_set, tiny_model_dir, 
     cfg = make_cfg(tiny_model_dir, video_fps=8, video_maxlen=32, video_min_pixels=3136, video_max_pixels=3136,
                    per_device_train_batch_size=2, train_datasets=[{"path": mixed_length_set}], seed=3,
                    dataloader_num_workers=0)
-    dataset, counts, weights, _ = train.load_datasets(cfg, cfg.train_datasets)
+    mix = train.load_mix(cfg, cfg.train_datasets)
+    dataset = mix.dataset
     processor, act_id = load_processor(tiny_model_dir)
     collate = Collator(processor, act_id)
     video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
@@ -224,8 +225,7 @@ def test_group_by_length_through_batch_stream(mixed_length_set, tiny_model_dir, 
 
     padding = {}
     for grouped in (False, True):
-        stream = train.batch_stream(dataset, counts, weights, collate, dataclasses.replace(cfg, group_by_length=grouped),
-                                    0, 1, 0, 0)
+        stream = batch_stream(mix, collate, dataclasses.replace(cfg, group_by_length=grouped), 0, 1, 0, 0)
         pad = slots = 0
         seen = []
         per_epoch = len(dataset) // 2

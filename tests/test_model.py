@@ -1,6 +1,5 @@
 """The model: hidden state at <ACT>, what trains, learning rates, saving and loading."""
 
-import copy
 import dataclasses
 import os
 

@@ -46,7 +46,9 @@ def test_run_writes_metrics_config_checkpoint_and_predicts(base_args, synthetic_
     assert resolved["max_steps"] == 3 and resolved["model_name_or_path"] == base_args[3]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
     checkpoints = sorted(os.listdir(out / "checkpoints"))
-    assert checkpoints == ["step_0000002", "step_0000003"]  # a run always saves its last step
+    assert checkpoints == ["best", "step_0000002", "step_0000003"]  # a run always saves its last step
+    best_step = max(val, key=lambda m: (m["top1"], -m["step"]))["step"]  # the first of equal bests
+    assert os.readlink(out / "checkpoints" / "best") == f"step_{best_step:07d}"
     ckpt = out / "checkpoints" / "step_0000003"
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
     assert json.loads((ckpt / "classes.json").read_text())["default"][0] == "move_left"
