@@ -9,11 +9,13 @@ is the fixed training phrasing unless the input is a .jsonl of records, whose ow
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 
+import numpy as np
 import torch
 import yaml
 
@@ -66,30 +68,106 @@ def collect_samples(inputs, label_space, num_classes):
 
 
 @torch.no_grad()
+def view_probabilities(model, loader, num_views, autocast, device):
+    """Softmax probabilities averaged over the views, for every sample the loader yields (each
+    sample once per view): {index: (probabilities, label or -1, record, readable)}. Also returns
+    the messages of unreadable videos (another sample stood in for them; they count nowhere)."""
+    was_training = model.training
+    model.eval()
+    out, skipped = {}, set()
+    for batch in loader:
+        with autocast:
+            logits = model(batch["label_space"], **{k: v.to(device) for k, v in batch["inputs"].items()}).float()
+        probs = logits.softmax(-1).cpu().double() / num_views
+        for row, index in enumerate(batch["index"].tolist()):
+            total = out[index][0] + probs[row] if index in out else probs[row]
+            label = batch["labels"][row].item()
+            out[index] = (total, label if label >= 0 else -1, batch["sources"][row], bool(batch["valid"][row]))
+        skipped.update(batch["skipped"])
+    model.train(was_training)
+    return out, sorted(skipped)
+
+
 def predict(model, processor, samples, cfg, label_space, top_k, batch_size, device):
     """Yields (sample, [(class_index, probability), ...] or None for an unreadable video), in input
-    order. Sampling and views as in evaluation: softmax probabilities averaged over the views."""
+    order, sampled and viewed exactly as in evaluation."""
     from train import eval_views
 
     settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
                              cfg.video_max_pixels)
-    views = eval_views(cfg)
-    dataset = VideoDataset(samples, settings)
-    collate = Collator(processor, model.act_token_id)
+    dataset, views = VideoDataset(samples, settings), eval_views(cfg)
     for start in range(0, len(samples), batch_size):
         chunk = range(start, min(start + batch_size, len(samples)))
-        probs, valid = 0, None
-        for view in views:
-            batch = collate([dataset[(i, 0, False, view)] for i in chunk])
-            for message in batch["skipped"] if view == views[0] else []:
-                print(f"unreadable video: {message}", file=sys.stderr)
-            inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
-            probs = probs + model(label_space, **inputs).float().softmax(-1).cpu() / len(views)
-            valid = batch["valid"]
-        top = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        for row, i in enumerate(chunk):
-            yield samples[i], list(zip(top.indices[row].tolist(), top.values[row].tolist())) if valid[row] else None
+        loader = [Collator(processor, model.act_token_id)([dataset[(i, 0, False, view)] for i in chunk])
+                  for view in views]
+        probs, skipped = view_probabilities(model, loader, len(views), contextlib.nullcontext(), device)
+        for message in skipped:
+            print(f"unreadable video: {message}", file=sys.stderr)
+        for i in chunk:
+            p, _, _, readable = probs[i]
+            top = p.topk(min(top_k, len(p)))
+            yield samples[i], list(zip(top.indices.tolist(), top.values.tolist())) if readable else None
 
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation report of `train.py --eval_only`: eval.json, predictions.jsonl, confusion PNGs
+
+def confusion_image(confusion, names):
+    """The confusion matrix as an RGB array, rows = true class, columns = predicted, normalised per
+    row, classes sorted by accuracy (worst first, so the problems sit together at the top), every
+    class labelled with its accuracy, and a colour scale. Readable at 101 and 174 classes."""
+    from PIL import Image, ImageDraw
+
+    counts = confusion.sum(1, keepdim=True).clamp(min=1)
+    rates = (confusion / counts).numpy()
+    order = np.argsort(np.diag(rates), kind="stable")
+    rates = rates[order][:, order]
+    n, cell = len(order), max(6, min(24, 1200 // max(1, len(order))))
+    labels = [f"{names[i][:40]}  {rates[r, r]:.2f}" for r, i in enumerate(order)]
+    margin = 8 + 6 * max(len(t) for t in labels)
+    top = 40
+    image = Image.new("RGB", (margin + n * cell + 90, top + n * cell + 20), "white")
+    heat = (255 * (1 - rates)).astype(np.uint8)  # white (0) .. dark blue (1)
+    block = np.stack([heat, heat, np.full_like(heat, 255)], -1).repeat(cell, 0).repeat(cell, 1)
+    image.paste(Image.fromarray(block, "RGB"), (margin, top))
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 8), "true class (rows, sorted by accuracy) vs predicted class (columns)", fill="black")
+    for r, text in enumerate(labels):
+        draw.text((4, top + r * cell + (cell - 10) // 2), text, fill="black")
+    for k in range(11):  # colour scale
+        y = top + int(k / 10 * min(n * cell, 300))
+        draw.rectangle([margin + n * cell + 10, y, margin + n * cell + 30, y + 30], fill=(int(255 * k / 10),) * 2 + (255,))
+        draw.text((margin + n * cell + 35, y), f"{1 - k / 10:.1f}", fill="black")
+    return np.asarray(image)
+
+
+def write_eval_outputs(cfg, mix, results, rows, skipped):
+    from PIL import Image
+
+    summary = {"checkpoint": cfg.checkpoint, "views": {"clips": cfg.eval_num_clips, "crops": cfg.eval_num_crops,
+                                                       "averaging": "softmax probabilities"},
+               "sampling": {k: getattr(cfg, k) for k in ("video_fps", "video_maxlen", "video_num_frames",
+                                                         "video_min_pixels", "video_max_pixels")},
+               "skipped_videos": skipped, "datasets": {}}
+    for name, r in results.items():
+        names = mix.classes.get(r["label_space"], [str(i) for i in range(len(r["confusion"]))])
+        confusion = r["confusion"]
+        per_class = {names[c]: {"accuracy": (confusion[c, c] / confusion[c].sum()).item(), "count": int(confusion[c].sum())}
+                     for c in range(len(names)) if confusion[c].sum() > 0}
+        summary["datasets"][name] = {**{k: v for k, v in r.items() if k != "confusion"}, "per_class": per_class,
+                                     "confusion": confusion.long().tolist()}
+        Image.fromarray(confusion_image(confusion, names)).save(os.path.join(cfg.output_dir, f"confusion_{name}.png"))
+        print(f"{name}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} mean class acc {r['mean_class_acc']:.4f} "
+               f"loss {r['loss']:.4f} ({r['count']} samples)")
+    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(cfg.output_dir, "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"wrote eval.json, predictions.jsonl and confusion_*.png to {cfg.output_dir}")
+
+
+
+# ---------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

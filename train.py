@@ -25,7 +25,6 @@ import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import Collator, DataError, VideoSettings, batch_stream, eval_batches, load_datasets, make_loader
+from predict import confusion_image, view_probabilities, write_eval_outputs
 from model import build_classifier, load_weights, save_weights
 
 
@@ -115,7 +115,7 @@ POSITIVE = ("num_action_classes", "lora_rank", "video_fps", "video_maxlen", "vid
 NON_NEGATIVE = ("max_bad_video_fraction", "weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
                 "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "action_token_lr_scale",
                 "head_lr_scale")
-DATASET_KEYS = {"path", "video_root", "weight", "label_space"}
+DATASET_KEYS = {"path", "video_root", "weight", "label_space", "name"}
 
 
 def type_ok(value, annotation):
@@ -164,7 +164,7 @@ def config_problems(raw):
     for key in ("train_datasets", "eval_datasets"):
         for i, entry in enumerate(raw.get(key) or []):
             if not isinstance(entry, dict) or "path" not in entry:
-                problems.append(f"{key}[{i}]: expected {{path, video_root, weight, label_space}}, got {entry!r}")
+                problems.append(f"{key}[{i}]: expected {{path, video_root, weight, label_space, name}}, got {entry!r}")
             elif set(entry) - DATASET_KEYS:
                 problems.append(f"{key}[{i}]: unknown key(s) {sorted(set(entry) - DATASET_KEYS)}; "
                                 f"allowed: {sorted(DATASET_KEYS)}")
@@ -457,34 +457,15 @@ def eval_loader(mix, collate, cfg, world, rank, views):
     return make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed)
 
 
-@torch.no_grad()
-def view_probabilities(model, loader, num_views, cfg, device):
-    """This rank's samples: {index: (softmax probabilities averaged over the views, label, source)};
-    label -1 when unknown (unlabelled, or an unreadable video that another one stood in for)."""
-    model.eval()
-    out, skipped = {}, set()
-    for batch in loader:
-        with autocast(cfg, device):
-            logits = model(batch["label_space"], **to_device(batch["inputs"], device)).float()
-        probs = logits.softmax(-1).cpu().double() / num_views
-        for row, index in enumerate(batch["index"].tolist()):
-            label = batch["labels"][row].item()
-            previous = out.get(index, (0, label, batch["sources"][row]))
-            out[index] = (previous[0] + probs[row], label if label >= 0 else -1, batch["sources"][row])
-        skipped.update(batch["skipped"])
-    model.train()
-    return out, skipped
-
-
 def evaluate(model, loader, mix, cfg, device, num_views=1):
     """Per eval dataset: loss (of the view-averaged probabilities), top-1, top-5, mean per-class
     accuracy, count, and the confusion matrix; reduced across ranks as sums."""
-    probs, skipped = view_probabilities(model, loader, num_views, cfg, device)
+    probs, skipped = view_probabilities(model, loader, num_views, autocast(cfg, device), device)
     sizes, results = head_sizes(cfg), {}
     for d, (name, space) in enumerate(zip(mix.names, mix.spaces)):  # the same order on every rank
         n = sizes[space]
         stats = torch.zeros(2 + n * n, dtype=torch.float64)  # loss sum, top-5 hits, confusion (true, predicted)
-        for index, (p, label, _) in probs.items():
+        for index, (p, label, _, _) in probs.items():
             if label < 0 or mix.entry_of(index) != d:
                 continue
             stats[0] -= math.log(max(p[label].item(), 1e-12))
@@ -501,37 +482,8 @@ def evaluate(model, loader, mix, cfg, device, num_views=1):
                              "mean_class_acc": per_class[seen].mean().item(), "count": int(count),
                              "confusion": confusion}
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sorted(skipped))
+    dist.all_gather_object(gathered, skipped)
     return results, probs, sorted(set().union(*gathered))
-
-
-def confusion_image(confusion, names):
-    """The confusion matrix as an RGB array, rows = true class, columns = predicted, normalised per
-    row, classes sorted by accuracy (worst first, so the problems sit together at the top), every
-    class labelled with its accuracy, and a colour scale. Readable at 101 and 174 classes."""
-    from PIL import Image, ImageDraw
-
-    counts = confusion.sum(1, keepdim=True).clamp(min=1)
-    rates = (confusion / counts).numpy()
-    order = np.argsort(np.diag(rates), kind="stable")
-    rates = rates[order][:, order]
-    n, cell = len(order), max(6, min(24, 1200 // max(1, len(order))))
-    labels = [f"{names[i][:40]}  {rates[r, r]:.2f}" for r, i in enumerate(order)]
-    margin = 8 + 6 * max(len(t) for t in labels)
-    top = 40
-    image = Image.new("RGB", (margin + n * cell + 90, top + n * cell + 20), "white")
-    heat = (255 * (1 - rates)).astype(np.uint8)  # white (0) .. dark blue (1)
-    block = np.stack([heat, heat, np.full_like(heat, 255)], -1).repeat(cell, 0).repeat(cell, 1)
-    image.paste(Image.fromarray(block, "RGB"), (margin, top))
-    draw = ImageDraw.Draw(image)
-    draw.text((margin, 8), "true class (rows, sorted by accuracy) vs predicted class (columns)", fill="black")
-    for r, text in enumerate(labels):
-        draw.text((4, top + r * cell + (cell - 10) // 2), text, fill="black")
-    for k in range(11):  # colour scale
-        y = top + int(k / 10 * min(n * cell, 300))
-        draw.rectangle([margin + n * cell + 10, y, margin + n * cell + 30, y + 30], fill=(int(255 * k / 10),) * 2 + (255,))
-        draw.text((margin + n * cell + 35, y), f"{1 - k / 10:.1f}", fill="black")
-    return np.asarray(image)
 
 
 def log_evaluation(log, step, results, classes, skipped):
@@ -556,37 +508,13 @@ def run_eval_only(cfg, rank, world, device):
     loader = eval_loader(mix, Collator(processor, model.act_token_id), cfg, world, rank, views)
     results, probs, skipped = evaluate(model, loader, mix, cfg, device, len(views))
     rows = [{"video": mix.dataset.samples[i].video, "record": source, "label": label if label >= 0 else None,
-             "top5": [[int(c), round(float(p[c]), 6)] for c in p.topk(min(5, len(p))).indices]}
-            for i, (p, label, source) in sorted(probs.items())]
+             **({"top5": [[int(c), round(float(p[c]), 6)] for c in p.topk(min(5, len(p))).indices]} if readable
+                else {"error": "unreadable video"})}
+            for i, (p, label, source, readable) in sorted(probs.items())]
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
         write_eval_outputs(cfg, mix, results, [r for part in gathered for r in part], skipped)
-
-
-def write_eval_outputs(cfg, mix, results, rows, skipped):
-    from PIL import Image
-
-    summary = {"checkpoint": cfg.checkpoint, "views": {"clips": cfg.eval_num_clips, "crops": cfg.eval_num_crops,
-                                                       "averaging": "softmax probabilities"},
-               "sampling": {k: getattr(cfg, k) for k in ("video_fps", "video_maxlen", "video_num_frames",
-                                                         "video_min_pixels", "video_max_pixels")},
-               "skipped_videos": skipped, "datasets": {}}
-    for name, r in results.items():
-        names = mix.classes.get(r["label_space"], [str(i) for i in range(len(r["confusion"]))])
-        confusion = r["confusion"]
-        per_class = {names[c]: {"accuracy": (confusion[c, c] / confusion[c].sum()).item(), "count": int(confusion[c].sum())}
-                     for c in range(len(names)) if confusion[c].sum() > 0}
-        summary["datasets"][name] = {**{k: v for k, v in r.items() if k != "confusion"}, "per_class": per_class,
-                                     "confusion": confusion.long().tolist()}
-        Image.fromarray(confusion_image(confusion, names)).save(os.path.join(cfg.output_dir, f"confusion_{name}.png"))
-        print0(f"{name}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} mean class acc {r['mean_class_acc']:.4f} "
-               f"loss {r['loss']:.4f} ({r['count']} samples)")
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(cfg.output_dir, "predictions.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    print0(f"wrote eval.json, predictions.jsonl and confusion_*.png to {cfg.output_dir}")
 
 
 # ---------------------------------------------------------------------------------------------------
