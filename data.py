@@ -216,6 +216,9 @@ class _VideoFile:
             stream.codec_context.thread_count = 1  # workers are the parallelism (see above)
             # zero-size packets hold no frame (AVI drop entries, the demuxer's final flush packet)
             self.packets = [p for p in self.container.demux(stream) if p.size > 0]
+            if any(p.is_corrupt for p in self.packets):  # a file cut mid-frame: decoding would give garbage
+                raise DataError(f"{path}: truncated or corrupt ({sum(p.is_corrupt for p in self.packets)} "
+                                f"corrupt packet(s) of {len(self.packets)})")
         except BaseException:
             self.container.close()
             raise
@@ -528,9 +531,11 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch, train, view = key if len(key) == 4 else (*key, SINGLE_VIEW)
-        skipped = []
+        skipped, space = [], self.samples[index].label_space
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
+            if self.samples[i].label_space != space:  # a batch holds one label space
+                continue
             try:
                 item = self.load(i, epoch, train, view)
             except DataError as e:
@@ -566,7 +571,7 @@ def spatial_crop(frames, crop, num_crops):
         return frames
     height, width = frames.shape[1:3]
     side = min(height, width)
-    start = (max(height, width) - side) * crop // (num_crops - 1) // 28 * 28
+    start = (max(height, width) - side) * crop // (num_crops - 1)
     return frames[:, start:start + side] if height > width else frames[:, :, start:start + side]
 
 
@@ -684,10 +689,16 @@ def train_batches(dataset_sizes, weights, batch_size, accumulation, world_size, 
     return batches
 
 
-def eval_batches(num_samples, batch_size, world_size, rank, view=SINGLE_VIEW):
-    """Each sample exactly once across ranks (no padding duplicates, unlike DistributedSampler)."""
-    mine = list(range(rank, num_samples, world_size))
-    return [[(j, 0, False, view) for j in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
+def eval_batches(counts, batch_size, world_size, rank, view=SINGLE_VIEW):
+    """Each sample of the concatenated datasets (sizes `counts`) exactly once across ranks (no
+    padding duplicates, unlike DistributedSampler); a batch never spans two datasets, so it holds
+    one label space."""
+    batches, offset = [], 0
+    for count in counts:
+        mine = list(range(offset + rank, offset + count, world_size))
+        batches += [[(j, 0, False, view) for j in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
+        offset += count
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import os
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from decoder import ActionDecoder
 
@@ -95,6 +96,9 @@ def apply_finetuning(vlm, cfg):
         for name, param in vlm.named_parameters():
             if name.startswith(tuple(trainable)):
                 param.requires_grad_(True)
+    for param in vlm.parameters():  # what trains stays fp32 under a bf16 base (autocast does the rest)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs and with DDP's no_sync
         vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -159,21 +163,45 @@ def build_classifier(cfg, head_sizes):
 # Weights: only what trains is saved (adapters / trained layers, the <ACT> row, the heads); the
 # frozen base comes from model_name_or_path again.
 
+def full_trainable_state(model, keep=True):
+    """Every trainable parameter (adapters / trained layers, the <ACT> row, the heads) by name, as a
+    whole CPU tensor. Under FSDP2 (train.py's `fsdp`) each parameter is a DTensor shard and
+    `full_tensor()` all-gathers it: a collective, so then every rank must call this (the same
+    parameters in the same order: named_parameters). `keep=False`, on ranks that do not write:
+    gather and drop, so only the writer holds a CPU copy (one whole parameter at a time elsewhere)."""
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            whole = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+            if keep:
+                state[name] = whole.contiguous().cpu()
+    return state
+
+
 def trainable_backbone_state(model):
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()
-            if p.requires_grad and not name.startswith("heads.")}
+    return {name: t for name, t in full_trainable_state(model).items() if not name.startswith("heads.")}
 
 
-def save_weights(model, directory):
+def save_weights(model, directory, state=None):
+    """`state`: full_trainable_state(model) gathered beforehand (FSDP2: every rank gathers, one
+    writes); by default it is gathered here. The files are the same either way, so a checkpoint
+    written by a sharded run loads into a plain model (load_weights, predict.py, a DDP resume)."""
+    state = full_trainable_state(model) if state is None else state
     os.makedirs(directory, exist_ok=True)
-    save_file(trainable_backbone_state(model), os.path.join(directory, "trainable.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("heads.")},
+              os.path.join(directory, "trainable.safetensors"))
     for space, head in model.heads.items():
-        head.save_pretrained(os.path.join(directory, "heads", space))
+        prefix = f"heads.{space}."
+        with torch.device("meta"):  # a plain twin to write from (the model's own may be sharded); no RNG drawn
+            twin = ActionDecoder(**head.config)
+        twin.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, assign=True)
+        twin.save_pretrained(os.path.join(directory, "heads", space))
 
 
 def load_weights(model, directory):
     """Loads what save_weights wrote. Every key must match both ways: a checkpoint from another
-    model, LoRA setting or head layout is an error, never a silent partial load."""
+    model, LoRA setting or head layout is an error, never a silent partial load. Into a plain
+    model: train.py loads before FSDP2 shards it (DTensor parameters do not take copy_ from a whole tensor)."""
     state = load_file(os.path.join(directory, "trainable.safetensors"))
     expected = trainable_backbone_state(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

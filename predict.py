@@ -113,31 +113,37 @@ def predict(model, processor, samples, cfg, label_space, top_k, batch_size, devi
 # The evaluation report of `train.py --eval_only`: eval.json, predictions.jsonl, confusion PNGs
 
 def confusion_image(confusion, names):
-    """The confusion matrix as an RGB array, rows = true class, columns = predicted, normalised per
-    row, classes sorted by accuracy (worst first, so the problems sit together at the top), every
-    class labelled with its accuracy, and a colour scale. Readable at 101 and 174 classes."""
+    """The confusion matrix as an RGB array: rows = true class, columns = predicted (same order),
+    normalised per row, classes sorted by accuracy (worst first, so the problems sit together at
+    the top), each row labelled "position name accuracy", columns numbered by the same positions every
+10, and a colour scale.
+    The shade is the square root of the rate, so a rare confusion (0.02) still shows. Rows are 12 px:
+    174 classes make a tall image, but every label stays legible."""
     from PIL import Image, ImageDraw
 
-    counts = confusion.sum(1, keepdim=True).clamp(min=1)
-    rates = (confusion / counts).numpy()
+    rates = (confusion / confusion.sum(1, keepdim=True).clamp(min=1)).numpy()
     order = np.argsort(np.diag(rates), kind="stable")
     rates = rates[order][:, order]
-    n, cell = len(order), max(6, min(24, 1200 // max(1, len(order))))
-    labels = [f"{names[i][:40]}  {rates[r, r]:.2f}" for r, i in enumerate(order)]
+    n, cell, top = len(order), 12, 40
+    labels = [f"{r:>3} {names[i][:40]}  {rates[r, r]:.2f}" for r, i in enumerate(order)]  # r: its column too
+    title = "true class (rows, sorted by accuracy, worst first) vs predicted class (columns, same order)"
     margin = 8 + 6 * max(len(t) for t in labels)
-    top = 40
-    image = Image.new("RGB", (margin + n * cell + 90, top + n * cell + 20), "white")
-    heat = (255 * (1 - rates)).astype(np.uint8)  # white (0) .. dark blue (1)
+    width = max(margin + n * cell + 90, 8 + 6 * len(title))
+    image = Image.new("RGB", (width, top + max(n * cell, 11 * 24) + 20), "white")  # the scale fits too
+    heat = (255 * (1 - np.sqrt(rates))).astype(np.uint8)  # white (0) .. blue (1)
     block = np.stack([heat, heat, np.full_like(heat, 255)], -1).repeat(cell, 0).repeat(cell, 1)
     image.paste(Image.fromarray(block, "RGB"), (margin, top))
     draw = ImageDraw.Draw(image)
-    draw.text((margin, 8), "true class (rows, sorted by accuracy) vs predicted class (columns)", fill="black")
+    draw.text((8, 8), title, fill="black")
     for r, text in enumerate(labels):
-        draw.text((4, top + r * cell + (cell - 10) // 2), text, fill="black")
-    for k in range(11):  # colour scale
-        y = top + int(k / 10 * min(n * cell, 300))
-        draw.rectangle([margin + n * cell + 10, y, margin + n * cell + 30, y + 30], fill=(int(255 * k / 10),) * 2 + (255,))
-        draw.text((margin + n * cell + 35, y), f"{1 - k / 10:.1f}", fill="black")
+        draw.text((4, top + r * cell + 1), text, fill="black")
+    for c in range(0, n, 10):  # column positions, to read a confusion off a row
+        draw.text((margin + c * cell, top - 12), str(c), fill="black")
+    for k in range(11):  # colour scale, in the same square-root shading
+        y, rate = top + k * 24, 1 - k / 10
+        shade = int(255 * (1 - np.sqrt(rate)))
+        draw.rectangle([margin + n * cell + 10, y, margin + n * cell + 30, y + 22], fill=(shade, shade, 255))
+        draw.text((margin + n * cell + 35, y + 6), f"{rate:.1f}", fill="black")
     return np.asarray(image)
 
 

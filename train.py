@@ -29,12 +29,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import Collator, DataError, VideoSettings, batch_stream, eval_batches, load_datasets, make_loader
 from predict import confusion_image, view_probabilities, write_eval_outputs
-from model import build_classifier, load_weights, save_weights
+from model import build_classifier, full_trainable_state, load_weights, save_weights
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,6 +94,7 @@ class Config:
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # FSDP2 instead of DDP: parameters, gradients and Adam state sharded over the ranks (7B+)
     seed: int = 42
     # run directory
     output_dir: str = "runs/default"
@@ -244,6 +248,34 @@ def to_device(inputs, device):
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
+def shard_fsdp(model, evals, device, world):
+    """FSDP2 (`fully_shard`) for models that do not fit with DDP: each rank holds 1/world of every
+    parameter, gradient and Adam moment. Each language-model decoder layer and each vision block is
+    a unit (all-gathered just before it runs, freed after), then the root takes the rest (embedding
+    table, patch embedding, merger, final norm, <ACT> row, heads). In place: `model` keeps its methods
+    and parameter names, but its parameters become DTensor shards, so weights are loaded before this
+    and the optimizer is built after it. Returns `model`: it is its own wrapper."""
+    trained = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
+    if len(trained) > 1:  # a unit's gradients are reduce-scattered as one flat buffer of one dtype
+        raise SystemExit(f"fsdp: the trained parameters are {trained}; FSDP2 needs one dtype (with bf16, "
+                         f"lora/freeze keeps additional_target modules in bf16 beside fp32 adapters)")
+    if evals is not None:  # every forward all-gathers: a rank with an extra eval batch would wait forever
+        counts = [None] * world
+        dist.all_gather_object(counts, len(evals))
+        if len(set(counts)) > 1:
+            raise SystemExit(f"fsdp: the ranks would run {counts} eval batches; each FSDP forward is a "
+                             f"collective, so they must be equal: use an eval set whose size is a multiple "
+                             f"of {world} x per_device_eval_batch_size")
+    with torch.no_grad():  # rank 0's weights everywhere, as DDP does (each rank seeded its random inits apart)
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t, src=0)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in [*model.backbone.language_model.layers, *model.backbone.visual.blocks]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------
 # Optimiser and schedule
 
@@ -338,9 +370,63 @@ def checkpoint_dirs(output_dir):
     return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step_[0-9]*")))
 
 
-def write_checkpoint_files(directory, model, optimizer, state, cfg, classes):
-    save_weights(model, directory)
-    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
+def optimizer_state(model, optimizer, keep=True):
+    """optimizer.state_dict() keyed by parameter name instead of position, with whole CPU tensors:
+    the layout of torch.distributed.checkpoint's full optimizer state dict, so one optimizer.pt
+    loads sharded or not. FSDP2's Adam moments are DTensor shards, all-gathered here: a collective,
+    every rank calls this; `keep=False` ranks drop the result (only the writer holds a copy)."""
+    name_of = {p: n for n, p in model.named_parameters()}
+    names = [name_of[p] for group in optimizer.param_groups for p in group["params"]]  # position -> name
+    packed = optimizer.state_dict()
+    state = {}
+    for i in sorted(packed["state"]):  # the same order on every rank
+        whole = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in packed["state"][i].items()}
+        if keep:
+            state[names[i]] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in whole.items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in packed["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(path, model, optimizer):
+    """Loads optimizer_state's file into `optimizer`, sharding each moment like its parameter when
+    that is a DTensor. Not torch.distributed.checkpoint's set_optimizer_state_dict: a fresh
+    optimizer gets a zero-gradient warm-up step there, so a parameter without saved state (a head
+    not trained yet) would resume at Adam step 1 instead of 0 (inexact), and its strict mode
+    rejects such a parameter. Group names and parameter names must match exactly."""
+    saved = torch.load(path, weights_only=True)
+    name_of = {p: n for n, p in model.named_parameters()}
+    mine = [(g["name"], [name_of[p] for p in g["params"]]) for g in optimizer.param_groups]
+    theirs = [(g.get("name"), g["params"]) for g in saved["param_groups"]]
+    unknown = sorted(set(saved["state"]) - {n for _, names in mine for n in names})
+    if mine != theirs or unknown:
+        if any(isinstance(n, int) for _, names in theirs for n in names):
+            raise SystemExit(f"{path} keys Adam's state by position (written before it was keyed by parameter "
+                             f"name); it cannot be resumed by this version")
+        raise SystemExit(f"{path} does not match this model/config's optimizer groups: saved "
+                         f"{[(g, len(ns)) for g, ns in theirs]}, expected {[(g, len(ns)) for g, ns in mine]}"
+                         + (f"; unknown parameters {unknown[:5]}" if unknown else ""))
+
+    def like(value, param):
+        if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
+            # each rank keeps its own slice of the whole tensor (src_data_rank=None: no communication)
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return value
+
+    state, groups, position = {}, [], 0
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        ids = list(range(position, position + len(group["params"])))
+        for i, p in zip(ids, group["params"]):
+            if name_of[p] in saved["state"]:
+                state[i] = {k: like(v, p) for k, v in saved["state"][name_of[p]].items()}
+        groups.append({**saved_group, "params": ids})
+        position += len(ids)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def write_checkpoint_files(directory, model, weights, optim, state, cfg, classes):
+    """weights, optim: full_trainable_state and optimizer_state, gathered by every rank beforehand."""
+    save_weights(model, directory, weights)
+    torch.save(optim, os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
     with open(os.path.join(directory, "config.yaml"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     with open(os.path.join(directory, "classes.json"), "w") as f:
@@ -364,12 +450,21 @@ def save_checkpoint(model, optimizer, state, cfg, classes, rank, device, best=Fa
         os.makedirs(tmp)
     dist.barrier()
     torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))  # dropout masks resume too
+    # Whole tensors, in the files a plain model loads. Under FSDP2 gathering them is a collective:
+    # every rank takes part, rank 0 alone keeps and writes them. An eval forward leaves the root unit
+    # unsharded (FSDP2 reshards the root after backward), with plain tensors where the optimizer's
+    # DTensors belong: reshard first, so names and optimizer parameters line up again.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    weights = full_trainable_state(model, keep=rank == 0)
+    optim = optimizer_state(model, optimizer, keep=rank == 0)
     dist.barrier()
     failed = 0.0
     if rank == 0:
         previous = checkpoint_dirs(cfg.output_dir)
         try:
-            write_checkpoint_files(tmp, model, optimizer, state, cfg, classes)
+            write_checkpoint_files(tmp, model, weights, optim, state, cfg, classes)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except OSError as e:  # disk full, quota, permissions: keep what we had, say so
@@ -412,7 +507,9 @@ def resume_dir(cfg):
     return found[-1] if found else None
 
 
-def load_checkpoint(directory, model, optimizer, scheduler, rank, cfg):
+def load_checkpoint(directory, model, cfg):
+    """A resume, part 1: the weights, into the plain model (before DDP or FSDP2 wraps it). Returns
+    the trainer state (step, epoch, position, best_top1)."""
     if not os.path.isfile(os.path.join(directory, "trainer_state.json")):
         raise SystemExit(f"{directory} is not a checkpoint folder (no trainer_state.json)")
     with open(os.path.join(directory, "trainer_state.json")) as f:
@@ -423,19 +520,23 @@ def load_checkpoint(directory, model, optimizer, scheduler, rank, cfg):
                          f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
                          f"point model_name_or_path at the checkpoint's base model")
     load_weights(model, directory)
-    # Adam's moments come from the checkpoint; learning rates, decay and the schedule from this
-    # config (identical when it is unchanged, so resume stays exact; applied when it is changed).
+    return state
+
+
+def load_training_state(directory, model, optimizer, scheduler, step, rank):
+    """A resume, part 2, once the optimizer holds the (wrapped or sharded) model's parameters.
+    Adam's moments come from the checkpoint; learning rates, decay and the schedule from this
+    config (identical when it is unchanged, so resume stays exact; applied when it is changed)."""
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
+    load_optimizer_state(os.path.join(directory, "optimizer.pt"), model, optimizer)
     for group, fresh in zip(optimizer.param_groups, hyper):
         group.update(fresh)
-    scheduler.last_epoch = state["step"]
+    scheduler.last_epoch = step
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(state["step"])
+        group["lr"] = base * factor(step)
     rng = os.path.join(directory, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
         torch.set_rng_state(torch.load(rng, weights_only=True))
-    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,8 +553,7 @@ def eval_views(cfg):
 
 def eval_loader(mix, collate, cfg, world, rank, views):
     """Built once: its workers persist from one evaluation to the next."""
-    plan = [b for view in views for b in eval_batches(len(mix.dataset), cfg.per_device_eval_batch_size,
-                                                      world, rank, view)]
+    plan = [b for view in views for b in eval_batches(mix.counts, cfg.per_device_eval_batch_size, world, rank, view)]
     return make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed)
 
 
@@ -507,14 +607,16 @@ def run_eval_only(cfg, rank, world, device):
     views = eval_views(cfg)
     loader = eval_loader(mix, Collator(processor, model.act_token_id), cfg, world, rank, views)
     results, probs, skipped = evaluate(model, loader, mix, cfg, device, len(views))
-    rows = [{"video": mix.dataset.samples[i].video, "record": source, "label": label if label >= 0 else None,
-             **({"top5": [[int(c), round(float(p[c]), 6)] for c in p.topk(min(5, len(p))).indices]} if readable
-                else {"error": "unreadable video"})}
-            for i, (p, label, source, readable) in sorted(probs.items())]
+    samples = mix.dataset.samples  # a stand-in's probabilities never speak for an unreadable video
+    rows = [(i, {"video": samples[i].video, "record": samples[i].source, "label": samples[i].label,
+                 **({"top5": [[int(c), round(float(p[c]), 6)] for c in p.topk(min(5, len(p))).indices]}
+                    if readable else {"error": "unreadable video"})})
+            for i, (p, _, _, readable) in probs.items()]
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
-        write_eval_outputs(cfg, mix, results, [r for part in gathered for r in part], skipped)
+        rows = [row for _, row in sorted((r for part in gathered for r in part), key=lambda r: r[0])]  # record order
+        write_eval_outputs(cfg, mix, results, rows, skipped)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -530,14 +632,17 @@ def train_micro_step(ddp_model, batch, cfg, device, accumulation):
 
 
 def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device, skipped):
-    """gradient_accumulation_steps micro-batches, gradients all-reduced on the last one only, then one
-    update. Stops the run, before the update touches the weights, if any rank's loss is not finite."""
+    """gradient_accumulation_steps micro-batches, gradients reduced (DDP: all-reduce, FSDP2:
+    reduce-scatter) on the last one only, then one update. Stops the run, before the update touches
+    the weights, if any rank's loss is not finite."""
     stats, bad = [0.0, 0.0, 0.0], None
     for micro in range(cfg.gradient_accumulation_steps):
         state["epoch"], state["position"], batch = next(stream)
         skipped.update(batch["skipped"])
         sync = micro == cfg.gradient_accumulation_steps - 1
-        with nullcontext() if sync else ddp_model.no_sync():
+        if cfg.fsdp:  # a switch, not a context: gradients accumulate unsharded, reduce-scattered on the last
+            ddp_model.set_requires_gradient_sync(sync)
+        with nullcontext() if sync or cfg.fsdp else ddp_model.no_sync():
             loss, correct, count = train_micro_step(ddp_model, batch, cfg, device, cfg.gradient_accumulation_steps)
         stats = [stats[0] + loss * count, stats[1] + correct, stats[2] + count]
         if not math.isfinite(loss) and bad is None:
@@ -546,7 +651,9 @@ def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, d
         raise SystemExit(f"non-finite loss at step {state['step'] + 1}: {bad if bad else 'on another rank'}. "
                          f"Nothing was updated or saved; the last checkpoint is untouched. Lower the learning "
                          f"rate or check those records.")
-    if cfg.max_grad_norm > 0:
+    if cfg.max_grad_norm > 0:  # FSDP2: the grads are DTensor shards on one mesh. A shard's norm is a
+        # DTensor pending a reduction over ranks (Partial), which DTensor all-reduces when the clip
+        # factor is computed: every rank scales its shard by the same global-norm factor, as with DDP.
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -599,8 +706,8 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        if rank == 0:
-            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        if rank == 0:  # an evaluation must not overwrite its training run's config
+            with open(os.path.join(cfg.output_dir, "eval_config.yaml" if cfg.eval_only else "config.yaml"), "w") as f:
                 yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
         (run_eval_only if cfg.eval_only else train)(cfg, rank, world, device)
     finally:
@@ -630,16 +737,19 @@ def train(cfg, rank, world, device):
     collate = Collator(processor, model.act_token_id)
     views = eval_views(cfg)
     evals = eval_loader(eval_mix, collate, cfg, world, rank, views) if eval_mix else None
-    optimizer = build_optimizer(model, cfg)
-    steps = total_steps(cfg, train_mix, world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
-
     state = {"step": 0, "epoch": 0, "position": 0, "best_top1": None}
     start = resume_dir(cfg)
+    if start is not None:  # weights first, into the plain model
+        state = {**state, **load_checkpoint(start, model, cfg)}
+    # ddp_model runs forward/backward; `model` has the names. Under FSDP2 they are one object.
+    ddp_model = (shard_fsdp(model, evals, device, world) if cfg.fsdp
+                 else DDP(model, find_unused_parameters=len(model.heads) > 1))
+    optimizer = build_optimizer(model, cfg)  # after sharding: it must hold the DTensor parameters
+    steps = total_steps(cfg, train_mix, world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     if start is not None:
-        state = {**state, **load_checkpoint(start, model, optimizer, scheduler, rank, cfg)}
+        load_training_state(start, model, optimizer, scheduler, state["step"], rank)
         print0(f"resumed from {start} at step {state['step']}")
-    ddp_model = DDP(model, find_unused_parameters=len(model.heads) > 1)
     log = MetricsLog(cfg.output_dir, rank == 0, after_step=state["step"])
     stop = StopSignal()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -241,11 +241,14 @@ def _split_labels(n: int, seed: int, split_id: int) -> list[int]:
 
 def _make_one(job: tuple) -> str:
     """Worker: draw and encode one clip (writes to a temp name, then renames)."""
-    out, name, label, seed, split_id, index, size, frames, fps = job
+    out, name, label, seed, split_id, index, size, frames, fps, first_frame_only = job
     rng = np.random.default_rng([seed, split_id, 1, index])  # per clip: independent of worker order
     final = Path(out) / name
     tmp = final.with_name(f".tmp_{final.name}")  # keep the extension: it picks the muxer
-    write_video(tmp, make_clip(label, rng, size, frames), fps)
+    clip = make_clip(label, rng, size, frames)
+    if first_frame_only:  # the same clips, frozen on their first frame: the motion is gone
+        clip = np.repeat(clip[:1], len(clip), axis=0)
+    write_video(tmp, clip, fps)
     os.replace(tmp, final)
     return name
 
@@ -266,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fps", type=int, default=8, help="frames per second of the written videos")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="encoding processes (1 = no pool)")
+    p.add_argument("--first-frame-only", action="store_true",
+                   help="every clip shows only its first frame (a control: a model must sit at chance)")
     args = p.parse_args(argv)
     problems = [
         *(["--train and --val must be >= 0"] if min(args.train, args.val) < 0 else []),
@@ -288,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         records[split] = []
         for i, label in enumerate(_split_labels(n, args.seed, split_id)):
             name = f"videos/{split}_{i:05d}{CONTAINERS[i % len(CONTAINERS)]}"
-            jobs.append((str(out), name, label, args.seed, split_id, i, args.size, args.frames, args.fps))
+            jobs.append((str(out), name, label, args.seed, split_id, i, args.size, args.frames, args.fps,
+                         args.first_frame_only))
             records[split].append(_record(name, label))
 
     if args.workers > 1 and len(jobs) > 1:
