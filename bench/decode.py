@@ -157,7 +157,7 @@ def main(argv=None):
 
                 def prep_ours(path, indices, size, info):
                     info, indices, frames = decode_ours(path, indices)
-                    collate([{"frames": frames, "indices": indices, "info": info, "index": 0,
+                    collate([{"frames": frames, "indices": indices, "info": info, "index": 0, "valid": True, "skipped": [],
                               "sample": data.Sample(path, MESSAGES, 0, "default", "bench")}])
 
                 def cache_read(path, indices, size, info):
@@ -234,7 +234,7 @@ def check_same_inputs(item, info, processor, collate, decode_ours):
     base = processor(text=[data.prompt_text(processor, MESSAGES)], videos=[baseline_frames(path, indices, size)],
                      video_metadata=[meta], do_sample_frames=False, padding=True, return_tensors="pt")
     info, indices, frames = decode_ours(path, indices)
-    ours = collate([{"frames": frames, "indices": indices, "info": info, "index": 0,
+    ours = collate([{"frames": frames, "indices": indices, "info": info, "index": 0, "valid": True, "skipped": [],
                      "sample": data.Sample(path, MESSAGES, 0, "default", "bench")}])["inputs"]
     assert base["video_grid_thw"].tolist() == ours["video_grid_thw"].tolist()
     assert base["input_ids"].shape == ours["input_ids"].shape
