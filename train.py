@@ -449,7 +449,8 @@ def save_checkpoint(model, optimizer, state, cfg, classes, rank, device, best=Fa
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))  # dropout masks resume too
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))  # dropout masks resume too
     # Whole tensors, in the files a plain model loads. Under FSDP2 gathering them is a collective:
     # every rank takes part, rank 0 alone keeps and writes them. An eval forward leaves the root unit
     # unsharded (FSDP2 reshards the root after backward), with plain tensors where the optimizer's
@@ -536,7 +537,10 @@ def load_training_state(directory, model, optimizer, scheduler, step, rank):
         group["lr"] = base * factor(step)
     rng = os.path.join(directory, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+        saved = torch.load(rng, weights_only=True)
+        torch.set_rng_state(saved["cpu"])
+        if "cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------------
