@@ -149,6 +149,7 @@ def make_batch(processor, act_id, num_frames, batch_size, cut, max_pixels, devic
                         source="bench")
         items.append({"frames": rng.integers(0, 256, (num_frames, h, w, 3), dtype=np.uint8),
                       "indices": sample_indices(clip_len, num_frames), "index": i, "sample": sample,
+                      "valid": True, "skipped": [],
                       "info": VideoInfo(clip_len, CLIP_FPS, CLIP_HW[1], CLIP_HW[0])})
     if cut:
         batch = Collator(processor, act_id)(items)
