@@ -635,10 +635,11 @@ def train_micro_step(ddp_model, batch, cfg, device, accumulation):
     return loss.item(), (logits.argmax(1) == labels).sum().item(), len(labels)
 
 
-def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device, skipped):
+def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device, skipped, stop):
     """gradient_accumulation_steps micro-batches, gradients reduced (DDP: all-reduce, FSDP2:
     reduce-scatter) on the last one only, then one update. Stops the run, before the update touches
-    the weights, if any rank's loss is not finite."""
+    the weights, if any rank's loss is not finite. Returns the step's (loss_sum, correct, count) and
+    whether any rank was asked to stop (one small all-reduce carries both flags)."""
     stats, bad = [0.0, 0.0, 0.0], None
     for micro in range(cfg.gradient_accumulation_steps):
         state["epoch"], state["position"], batch = next(stream)
@@ -651,7 +652,8 @@ def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, d
         stats = [stats[0] + loss * count, stats[1] + correct, stats[2] + count]
         if not math.isfinite(loss) and bad is None:
             bad = f"loss {loss} in micro-batch {micro} (epoch {state['epoch']}, records {batch['sources']})"
-    if all_reduce_sums([bad is not None], device)[0]:
+    nonfinite, stopping = all_reduce_sums([bad is not None, stop.requested], device)
+    if nonfinite:
         raise SystemExit(f"non-finite loss at step {state['step'] + 1}: {bad if bad else 'on another rank'}. "
                          f"Nothing was updated or saved; the last checkpoint is untouched. Lower the learning "
                          f"rate or check those records.")
@@ -662,7 +664,7 @@ def optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, d
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats
+    return stats, stopping > 0
 
 
 def check_skipped(skipped, reported, upfront, total, cfg):
@@ -775,11 +777,11 @@ def train_loop(cfg, rank, world, device, model, ddp_model, optimizer, scheduler,
     bar = tqdm(total=steps, initial=state["step"], disable=rank != 0, desc="train", dynamic_ncols=True)
     t0 = time.time()
     while state["step"] < steps:
-        stats = optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device, skipped)
+        stats, stopping = optimizer_step(ddp_model, model, optimizer, scheduler, stream, state, cfg, device, skipped,
+                                         stop)
         window = [w + x for w, x in zip(window, stats)]
         state["step"] += 1
         bar.update(1)
-        stopping = all_reduce_sums([stop.requested], device)[0] > 0  # every rank stops at the same step
         last = state["step"] == steps or stopping
         if state["step"] % cfg.logging_steps == 0 or last:
             loss_sum, correct, count = all_reduce_sums(window, device)
