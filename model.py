@@ -12,12 +12,17 @@ Design choices, each for a reason:
   change its hidden state.
 """
 
+import hashlib
+import json
 import os
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from decoder import ActionDecoder
 
@@ -221,3 +226,90 @@ def load_weights(model, directory):
         if saved.config != head.config:
             raise ValueError(f"checkpoint {directory}: head {space!r} is {saved.config}, the config asks for {head.config}")
         head.load_state_dict(saved.state_dict())
+
+
+def optimizer_state(model, optimizer, keep=True):
+    """optimizer.state_dict() keyed by parameter name instead of position, with whole CPU tensors:
+    the layout of torch.distributed.checkpoint's full optimizer state dict, so one optimizer.pt
+    loads sharded or not. FSDP2's Adam moments are DTensor shards, all-gathered here: a collective,
+    every rank calls this; `keep=False` ranks drop the result (only the writer holds a copy)."""
+    name_of = {p: n for n, p in model.named_parameters()}
+    names = [name_of[p] for group in optimizer.param_groups for p in group["params"]]  # position -> name
+    packed = optimizer.state_dict()
+    state = {}
+    for i in sorted(packed["state"]):  # the same order on every rank
+        whole = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in packed["state"][i].items()}
+        if keep:
+            state[names[i]] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in whole.items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in packed["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(path, model, optimizer):
+    """Loads optimizer_state's file into `optimizer`, sharding each moment like its parameter when
+    that is a DTensor. Not torch.distributed.checkpoint's set_optimizer_state_dict: a fresh
+    optimizer gets a zero-gradient warm-up step there, so a parameter without saved state (a head
+    not trained yet) would resume at Adam step 1 instead of 0 (inexact), and its strict mode
+    rejects such a parameter. Group names and parameter names must match exactly."""
+    saved = torch.load(path, weights_only=True)
+    name_of = {p: n for n, p in model.named_parameters()}
+    mine = [(g["name"], [name_of[p] for p in g["params"]]) for g in optimizer.param_groups]
+    theirs = [(g.get("name"), g["params"]) for g in saved["param_groups"]]
+    unknown = sorted(set(saved["state"]) - {n for _, names in mine for n in names})
+    if mine != theirs or unknown:
+        if any(isinstance(n, int) for _, names in theirs for n in names):
+            raise SystemExit(f"{path} keys Adam's state by position (written before it was keyed by parameter "
+                             f"name); it cannot be resumed by this version")
+        raise SystemExit(f"{path} does not match this model/config's optimizer groups: saved "
+                         f"{[(g, len(ns)) for g, ns in theirs]}, expected {[(g, len(ns)) for g, ns in mine]}"
+                         + (f"; unknown parameters {unknown[:5]}" if unknown else ""))
+
+    def like(value, param):
+        if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
+            # each rank keeps its own slice of the whole tensor (src_data_rank=None: no communication)
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return value
+
+    state, groups, position = {}, [], 0
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        ids = list(range(position, position + len(group["params"])))
+        for i, p in zip(ids, group["params"]):
+            if name_of[p] in saved["state"]:
+                state[i] = {k: like(v, p) for k, v in saved["state"][name_of[p]].items()}
+        groups.append({**saved_group, "params": ids})
+        position += len(ids)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def base_model_fingerprint(cfg):
+    """Which base weights a checkpoint's adapters belong to: the path and its config's hash."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"model_name_or_path": cfg.model_name_or_path, "config_sha256": digest}
+
+
+# ---------------------------------------------------------------------------------------------------
+# FSDP2: sharding the classifier over the ranks (train.py's `fsdp`)
+
+def shard_fsdp(model, device, world):
+    """FSDP2 (`fully_shard`) for models that do not fit with DDP: each rank holds 1/world of every
+    parameter, gradient and Adam moment. Each language-model decoder layer and each vision block is
+    a unit (all-gathered just before it runs, freed after), then the root takes the rest (embedding
+    table, patch embedding, merger, final norm, <ACT> row, heads). In place: `model` keeps its methods
+    and parameter names, but its parameters become DTensor shards, so weights are loaded before this
+    and the optimizer is built after it. Returns `model`: it is its own wrapper."""
+    trained = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
+    if len(trained) > 1:  # a unit's gradients are reduce-scattered as one flat buffer of one dtype
+        raise SystemExit(f"fsdp: the trained parameters are {trained}; FSDP2 needs one dtype (with bf16, "
+                         f"lora/freeze keeps additional_target modules in bf16 beside fp32 adapters)")
+    with torch.no_grad():  # rank 0's weights everywhere, as DDP does (each rank seeded its random inits apart)
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t, src=0)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in [*model.backbone.language_model.layers, *model.backbone.visual.blocks]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
