@@ -103,7 +103,7 @@ def train_config(args, gradient_checkpointing):
 
     return Config(model_name_or_path="(built in memory)", attn_implementation=args.attn_implementation,
                   num_action_classes=NUM_CLASSES, finetuning_type="lora", lora_rank=16, lora_alpha=32.0,
-                  lora_dropout=0.05, lora_target="all", use_dora=True, bf16=args.bf16,
+                  lora_dropout=0.05, lora_target="all", use_dora=not args.lora, bf16=args.bf16,
                   gradient_checkpointing=gradient_checkpointing, learning_rate=5e-5, weight_decay=0.01)
 
 
@@ -290,6 +290,7 @@ def run_worker(args, variant, frames, batch_size, gc):
            "--video-max-pixels", str(args.video_max_pixels), "--attn-implementation", args.attn_implementation]
     cmd += ["--gc"] if gc else []
     cmd += ["--bf16"] if args.bf16 else []
+    cmd += ["--lora"] if args.lora else []
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
@@ -299,7 +300,7 @@ def run_worker(args, variant, frames, batch_size, gc):
 def cpu_main(args):
     print(f"# bench/step.py on CPU, {time.strftime('%Y-%m-%d %H:%M')}, {args.threads} thread(s) per worker: "
           f"Qwen2.5-VL layout, vocab 151,936 (tied), text hidden {args.hidden} x {args.layers} layers "
-          f"({args.heads} heads), vision {args.vision_hidden} x {args.vision_depth}, DoRA r16 (dropout 0.05) on "
+          f"({args.heads} heads), vision {args.vision_hidden} x {args.vision_depth}, {'LoRA' if args.lora else 'DoRA'} r16 (dropout 0.05) on "
           f"every LM Linear, {'bf16 autocast' if args.bf16 else 'fp32'}, {args.attn_implementation}; random "
           f"320x240 clips at video_max_pixels {args.video_max_pixels}; time = fastest of {args.steps} steps after "
           f"1 warm-up; each cell a fresh process", flush=True)
@@ -385,7 +386,7 @@ def cuda_main(args):
     name = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
     frames = args.frames[0]
     print(f"# bench/step.py --real-3b on {name}, {time.strftime('%Y-%m-%d %H:%M')}: Qwen2.5-VL-3B architecture, "
-          f"random weights, {'bf16 base + autocast' if cfg.bf16 else 'fp32'}, DoRA r16 all LM Linears, "
+          f"random weights, {'bf16 base + autocast' if cfg.bf16 else 'fp32'}, {'LoRA' if args.lora else 'DoRA'} r16 all LM Linears, "
           f"{cfg.attn_implementation}, {frames} frames 320x240 at video_max_pixels {args.video_max_pixels}; "
           f"median of {args.steps} steps after {args.warmup} warm-ups; peak = torch.cuda.max_memory_allocated"
           + (f"; MFU against {tflops:.0f} TFLOPS dense bf16" if cuda else ""), flush=True)
@@ -485,6 +486,7 @@ def parse_args(argv=None):
     p.add_argument("--video-max-pixels", type=int, default=16384, help="configs/ucf101.yaml's video_max_pixels")
     p.add_argument("--attn-implementation", default="sdpa")
     p.add_argument("--bf16", action="store_true", help="bf16 base + autocast (always on with --real-3b)")
+    p.add_argument("--lora", action="store_true", help="plain LoRA instead of DoRA (to see what DoRA's weight norm costs)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (1: steadiest on a shared machine)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, for MFU")
     p.add_argument("--padding", nargs="+", metavar="JSONL", help="report padding with/without length grouping")
