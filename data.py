@@ -13,6 +13,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import threading
 import warnings
 from dataclasses import asdict, dataclass
@@ -746,6 +747,12 @@ def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0,
                       warning)
 
 
+def ignore_ctrl_c(worker_id):
+    """A Ctrl-C in a terminal signals the whole process group. The trainer handles it (finishes the
+    step, saves); a worker that died of it would crash the run before the save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, batches, collate, num_workers, seed):
     """Workers start from a forkserver, not a fork of the training process: forking a process that
     runs threads (TensorBoard's writer, FFmpeg's, OpenMP's) can copy a held lock into the child and
@@ -757,6 +764,7 @@ def make_loader(dataset, batches, collate, num_workers, seed):
         context.set_forkserver_preload(["torch", "transformers", "data"])  # imported once, in the server
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
                                        multiprocessing_context=context, persistent_workers=num_workers > 0,
+                                       worker_init_fn=ignore_ctrl_c if num_workers else None,
                                        generator=torch.Generator().manual_seed(seed),
                                        prefetch_factor=4 if num_workers else None)
 

@@ -608,7 +608,8 @@ def total_steps(cfg, mix, world):
 
 
 class StopSignal:
-    """SIGTERM (pre-emption) or SIGINT (Ctrl-C): finish the step, save, exit 0."""
+    """SIGTERM (pre-emption) or SIGINT (Ctrl-C): finish the step, save, exit 0. A second Ctrl-C
+    quits at once, unsaved. (DataLoader workers ignore SIGINT: see data.make_loader.)"""
 
     def __init__(self):
         self.requested, self.name = 0, None
@@ -616,6 +617,10 @@ class StopSignal:
 
     def handle(self, signum, frame):
         self.requested, self.name = 1, signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if os.environ.get("RANK", "0") == "0":  # os.write: print() could re-enter a stream being written
+            os.write(2, f"\n{self.name}: finishing this step, then saving a checkpoint "
+                        f"(Ctrl-C again quits now, unsaved)\n".encode())
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -701,8 +706,8 @@ def train_loop(cfg, rank, world, device, model, ddp_model, optimizer, scheduler,
         window = [w + x for w, x in zip(window, stats)]
         state["step"] += 1
         bar.update(1)
-        last = state["step"] == steps or stopping
-        if state["step"] % cfg.logging_steps == 0 or last:
+        last = state["step"] == steps
+        if state["step"] % cfg.logging_steps == 0 or last or stopping:
             loss_sum, correct, count = all_reduce_sums(window, device)
             log.log(state["step"], "train", loss=loss_sum / count, top1=correct / count,
                     lr=optimizer.param_groups[0]["lr"], epoch=state["epoch"],
@@ -711,13 +716,14 @@ def train_loop(cfg, rank, world, device, model, ddp_model, optimizer, scheduler,
             bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.2f}")
             window = [0.0, 0.0, 0.0]
         new_best = False
-        if evals is not None and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
+        # a stop saves first: pre-emption grace periods (often 30 s) are shorter than an evaluation
+        if evals is not None and not stopping and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
             results, _, eval_skipped = evaluate(ddp_model, evals, eval_mix, cfg, device, num_views)
             log_evaluation(log, state["step"], results, classes, eval_skipped)
             top1 = sum(r["top1"] for r in results.values()) / max(1, len(results))  # mean over datasets
             new_best = state["best_top1"] is None or top1 > state["best_top1"]
             state["best_top1"] = top1 if new_best else state["best_top1"]
-        if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or new_best:
+        if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or new_best or stopping:
             saved = save_checkpoint(model, optimizer, state, cfg, classes, rank, device, best=new_best)
         if stopping:
             print0(f"stopped by {stop.name} after step {state['step']}; checkpoint {saved}; "

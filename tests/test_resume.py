@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +69,58 @@ def test_stop_and_resume_equals_uninterrupted_run(base_args, tmp_path):
     assert ckpt_a == ckpt_b == "step_0000008" and a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+
+class WorkerPids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        time.sleep(0.01)
+        return os.getpid()
+
+
+def first_item(items):
+    return items[0]
+
+
+def test_dataloader_workers_survive_sigint():
+    batches = [[i] for i in range(40)]
+    loader = data.make_loader(WorkerPids(), batches, first_item, num_workers=1, seed=0)
+    it = iter(loader)
+    worker = next(it)
+    assert worker != os.getpid()
+    os.kill(worker, signal.SIGINT)  # without data.ignore_ctrl_c the worker exits and the loader raises
+    assert list(it) == [worker] * 39
+
+
+def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path):
+    """A terminal's Ctrl-C signals the whole process group: the trainer and its DataLoader workers.
+    The workers must live on, the trainer must save at once (no evaluation first) and exit 0."""
+    out = str(tmp_path / "run")
+    args = base_args + ["--output_dir", out, "--max_steps", "40", "--dataloader_num_workers", "1",
+                        "--eval_steps", "0", "--resume", "auto"]  # an eval set: evaluated at the end only
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while logged_steps(out) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before Ctrl-C"
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped by SIGINT" in output and "exited unexpectedly" not in output, output[-3000:]
+    stopped_at = train_losses(out)[-1][0]
+    assert 3 <= stopped_at < 40
+    assert os.listdir(os.path.join(out, "checkpoints")) == [f"step_{stopped_at:07d}"]
+    assert not [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if m["split"] == "val"]
+
+    final = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0 and "resumed from" in final.stdout, final.stdout[-2000:] + final.stderr[-2000:]
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in metrics if m["split"] == "train"] == list(range(1, 41))
+    assert [m["step"] for m in metrics if m["split"] == "val"] == [40]
 
 
 @pytest.mark.parametrize("batch,accumulation", [(2, 2), (1, 4)])
