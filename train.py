@@ -608,16 +608,20 @@ def total_steps(cfg, mix, world):
 
 
 class StopSignal:
-    """SIGTERM (pre-emption) or SIGINT (Ctrl-C): finish the step, save, exit 0. A second Ctrl-C
-    quits at once, unsaved. (DataLoader workers ignore SIGINT: see data.make_loader.)"""
+    """SIGTERM (pre-emption) or SIGINT (Ctrl-C): finish the step, save, exit 0. DataLoader workers
+    ignore SIGINT (see data.make_loader). A Ctrl-C more than 2 s after the first quits at once,
+    unsaved; sooner ones are the same keypress relayed (torchrun forwards it to its ranks)."""
 
     def __init__(self):
-        self.requested, self.name = 0, None
+        self.requested, self.name, self.since = 0, None, None
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
-        self.requested, self.name = 1, signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.requested:
+            if signum == signal.SIGINT and time.monotonic() - self.since > 2:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.name, self.since = 1, signal.Signals(signum).name, time.monotonic()
         if os.environ.get("RANK", "0") == "0":  # os.write: print() could re-enter a stream being written
             os.write(2, f"\n{self.name}: finishing this step, then saving a checkpoint "
                         f"(Ctrl-C again quits now, unsaved)\n".encode())

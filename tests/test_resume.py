@@ -94,6 +94,19 @@ def test_dataloader_workers_survive_sigint():
     assert list(it) == [worker] * 39
 
 
+def test_a_relayed_ctrl_c_stops_once_and_a_later_one_quits():
+    stop = train.StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun relays the keypress its ranks already got
+        assert (stop.requested, stop.name) == (1, "SIGINT")
+        stop.since -= 3  # the user presses Ctrl-C again, seconds later
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+
+
 def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path):
     """A terminal's Ctrl-C signals the whole process group: the trainer and its DataLoader workers.
     The workers must live on, the trainer must save at once (no evaluation first) and exit 0."""
