@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from data import Collator, DataError, VideoSettings, batch_stream, eval_batches, load_datasets, make_loader
 from predict import confusion_image, view_probabilities, write_eval_outputs
-from model import (base_model_fingerprint, build_classifier, full_trainable_state, load_optimizer_state,
-                   load_weights, optimizer_state, save_weights, shard_fsdp)
+from model import (base_model_fingerprint, build_classifier, build_optimizer, full_trainable_state,
+                   load_optimizer_state, load_weights, optimizer_state, save_weights, shard_fsdp)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def to_device(inputs, device):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Optimiser and schedule
+# Schedule (the optimizer's named groups: model.build_optimizer)
 
 def check_even_eval_batches(evals, world):
     """FSDP2: every forward all-gathers, so a rank with an extra eval batch would wait forever."""
@@ -257,33 +257,6 @@ def check_even_eval_batches(evals, world):
         raise SystemExit(f"fsdp: the ranks would run {counts} eval batches; each FSDP forward is a "
                          f"collective, so they must be equal: use an eval set whose size is a multiple "
                          f"of {world} x per_device_eval_batch_size")
-
-
-def build_optimizer(model, cfg):
-    """Named AdamW groups. Adapters/trained layers at learning_rate (no decay on biases and norms),
-    heads at learning_rate * head_lr_scale, the <ACT> row at learning_rate * action_token_lr_scale."""
-    groups = {"backbone": [], "backbone_no_decay": [], "head": [], "head_no_decay": [], "act_token": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim < 2 or "norm" in name
-        if name == "act_embedding":
-            groups["act_token"].append(p)
-        elif name.startswith("heads."):
-            groups["head_no_decay" if no_decay else "head"].append(p)
-        else:
-            groups["backbone_no_decay" if no_decay else "backbone"].append(p)
-    lr, head_lr = cfg.learning_rate, cfg.learning_rate * cfg.head_lr_scale
-    settings = {"backbone": (lr, cfg.weight_decay), "backbone_no_decay": (lr, 0.0),
-                "head": (head_lr, cfg.weight_decay), "head_no_decay": (head_lr, 0.0),
-                "act_token": (lr * cfg.action_token_lr_scale, 0.0)}
-    param_groups = [{"name": n, "params": ps, "lr": settings[n][0], "weight_decay": settings[n][1]}
-                    for n, ps in groups.items() if ps]
-    grouped = [id(p) for g in param_groups for p in g["params"]]
-    trainable = [id(p) for p in model.parameters() if p.requires_grad]
-    assert sorted(grouped) == sorted(trainable) and len(set(grouped)) == len(grouped), \
-        "every trainable parameter must be in exactly one optimizer group"
-    return torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 
 def lr_lambda(cfg, total_steps):

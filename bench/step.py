@@ -108,14 +108,13 @@ def train_config(args, gradient_checkpointing):
 
 
 def build(args, gradient_checkpointing):
-    """(processor, classifier, optimizer, cfg) exactly as model.build_classifier + train.build_optimizer
+    """(processor, classifier, optimizer, cfg) exactly as model.build_classifier + model.build_optimizer
     make them, but from a config built in memory instead of a checkpoint directory."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from decoder import ActionDecoder
-    from model import ACT_TOKEN, ActionClassifier, apply_finetuning
+    from model import ACT_TOKEN, ActionClassifier, apply_finetuning, build_optimizer
     from prepare.tiny_model import build_processor
-    from train import build_optimizer
 
     processor = build_processor(256, args.video_max_pixels)
     processor.tokenizer.add_special_tokens({"extra_special_tokens": [ACT_TOKEN]}, replace_extra_special_tokens=False)

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import train
 from data import Collator, VideoDataset, VideoSettings, batch_stream, load_samples, sample_lengths, train_batches
-from model import build_classifier
+from model import build_classifier, build_optimizer
 from prepare.synthetic import main as make_synthetic
-from train import Config, build_optimizer
+from train import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = VideoSettings(video_fps=4, video_maxlen=8, video_num_frames=None, video_min_pixels=3136,

@@ -8,8 +8,8 @@ import torch
 
 from data import Collator, VideoDataset, VideoSettings, load_samples, prompt_messages
 from decoder import ActionDecoder
-from model import build_classifier, load_weights, save_weights
-from train import Config, build_optimizer
+from model import build_classifier, build_optimizer, load_weights, save_weights
+from train import Config
 
 SETTINGS = VideoSettings(video_fps=4, video_maxlen=8, video_num_frames=None, video_min_pixels=3136,
                          video_max_pixels=3136)
