@@ -48,28 +48,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import data  # noqa: E402
 from model import ACT_TOKEN  # noqa: E402
-from prepare.synthetic import write_video  # noqa: E402
+from prepare.synthetic import textured_clip, write_video  # noqa: E402
 from prepare.tiny_model import build_processor  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "<video>What action is being performed in this video?"},
             {"role": "assistant", "content": f"The action being performed is {ACT_TOKEN}."}]
 KINDS = {"avi": (".avi", 25, 240, 320, (4, 12)), "webm": (".webm", 12, 240, 426, (2, 6))}
-
-
-def textured_clip(rng, num_frames, height, width):
-    """A smooth colour field with fine detail that pans, and a bright disc crossing it."""
-    k = 24
-    field = np.kron(rng.uniform(30, 200, (height // k + 12, width // k + 12, 3)), np.ones((k, k, 1)))
-    field = (field + np.roll(field, k // 2, 0) + np.roll(field, k // 2, 1) + np.roll(field, k // 2, (0, 1))) / 4
-    field = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
-    yy, xx = np.mgrid[0:height, 0:width]
-    out = np.empty((num_frames, height, width, 3), np.uint8)
-    for t in range(num_frames):
-        oy, ox = int(t * 0.7) % (field.shape[0] - height), int(t * 1.3) % (field.shape[1] - width)
-        out[t] = field[oy:oy + height, ox:ox + width]
-        cx, cy = width * (0.2 + 0.6 * t / num_frames), height / 2 + height / 6 * np.sin(t / 10)
-        out[t][(xx - cx) ** 2 + (yy - cy) ** 2 < (height / 12) ** 2] = 250
-    return out
 
 
 def make_clips(root, kind, count, seed):

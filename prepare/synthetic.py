@@ -183,6 +183,23 @@ CODECS = {
 }
 
 
+def textured_clip(rng, num_frames, height, width):
+    """Camera-like content for decoder tests and benchmarks (not the dataset): a smooth colour field
+    with fine detail that pans, and a bright disc crossing it."""
+    k = 24
+    field = np.kron(rng.uniform(30, 200, (height // k + 12, width // k + 12, 3)), np.ones((k, k, 1)))
+    field = (field + np.roll(field, k // 2, 0) + np.roll(field, k // 2, 1) + np.roll(field, k // 2, (0, 1))) / 4
+    field = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        oy, ox = int(t * 0.7) % (field.shape[0] - height), int(t * 1.3) % (field.shape[1] - width)
+        out[t] = field[oy:oy + height, ox:ox + width]
+        cx, cy = width * (0.2 + 0.6 * t / num_frames), height / 2 + height / 6 * np.sin(t / 10)
+        out[t][(xx - cx) ** 2 + (yy - cy) ** 2 < (height / 12) ** 2] = 250
+    return out
+
+
 def write_video(path, frames, fps=8) -> None:
     """Encode (T, H, W, 3) uint8 RGB frames to `path`; the codec follows the extension
     (.mp4 -> H.264 with B-frames, .avi -> MPEG-4 Part 2, .webm -> VP9), pix_fmt yuv420p.

@@ -18,7 +18,7 @@ import data
 from data import (Collator, DataError, Sample, VideoDataset, VideoSettings, decode_frames, frame_size,
                   num_frames_to_sample, probe_video, sample_indices, smart_resize)
 from model import ACT_TOKEN
-from prepare.synthetic import write_video
+from prepare.synthetic import textured_clip, write_video
 from prepare.tiny_model import build_processor, tiny_config
 
 T = 48  # frames in the stamped fixtures: 6 index bits
@@ -107,22 +107,6 @@ def no_fallback(monkeypatch):
     def refuse(self, wanted, convert):
         raise AssertionError(f"{self.path}: fell back to decoding every frame")
     monkeypatch.setattr(data._VideoFile, "_decode_in_order", refuse)
-
-
-def textured_clip(rng, num_frames, height, width):
-    """Camera-like content: a smooth colour field with detail, panning, and a moving bright disc."""
-    k = 24
-    field = np.kron(rng.uniform(30, 200, (height // k + 8, width // k + 8, 3)), np.ones((k, k, 1)))
-    field = (field + np.roll(field, k // 2, 0) + np.roll(field, k // 2, 1) + np.roll(field, k // 2, (0, 1))) / 4
-    field = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
-    yy, xx = np.mgrid[0:height, 0:width]
-    out = np.empty((num_frames, height, width, 3), np.uint8)
-    for t in range(num_frames):
-        oy, ox = (2 * t) % (field.shape[0] - height), (3 * t) % (field.shape[1] - width)
-        out[t] = field[oy:oy + height, ox:ox + width]
-        cx, cy = width * (0.2 + 0.6 * t / num_frames), height / 2
-        out[t][(xx - cx) ** 2 + (yy - cy) ** 2 < (height / 8) ** 2] = 250
-    return out
 
 
 def write_clip(path, num_frames, fps, height=240, width=320, seed=0):
