@@ -247,25 +247,24 @@ def to_device(inputs, device):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Schedule (the optimizer's named groups: model.build_optimizer)
+# Learning-rate schedule (the optimizer's named groups: model.build_optimizer)
 
-def check_even_eval_batches(evals, world):
-    """FSDP2: every forward all-gathers, so a rank with an extra eval batch would wait forever."""
-    counts = [None] * world
-    dist.all_gather_object(counts, len(evals))
-    if len(set(counts)) > 1:
-        raise SystemExit(f"fsdp: the ranks would run {counts} eval batches; each FSDP forward is a "
-                         f"collective, so they must be equal: use an eval set whose size is a multiple "
-                         f"of {world} x per_device_eval_batch_size")
+def total_steps(cfg, mix, world):
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    per_epoch = sum(round(w * c) // per_step for c, w in zip(mix.counts, mix.weights))
+    return max(1, math.floor(per_epoch * cfg.num_train_epochs))
 
 
-def lr_lambda(cfg, total_steps):
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+def lr_lambda(cfg, steps):
+    """LambdaLR's factor at each step: linear warm-up, then cosine, linear or constant."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * steps)
 
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, steps - warmup)
         if cfg.lr_scheduler_type == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         if cfg.lr_scheduler_type == "linear":
@@ -451,6 +450,16 @@ def eval_loader(mix, collate, cfg, world, rank, views):
     return make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed)
 
 
+def check_even_eval_batches(evals, world):
+    """FSDP2: every forward all-gathers, so a rank with an extra eval batch would wait forever."""
+    counts = [None] * world
+    dist.all_gather_object(counts, len(evals))
+    if len(set(counts)) > 1:
+        raise SystemExit(f"fsdp: the ranks would run {counts} eval batches; each FSDP forward is a "
+                         f"collective, so they must be equal: use an eval set whose size is a multiple "
+                         f"of {world} x per_device_eval_batch_size")
+
+
 def evaluate(model, loader, mix, cfg, device, num_views=1):
     """Per eval dataset: loss (of the view-averaged probabilities), top-1, top-5, mean per-class
     accuracy, count, and the confusion matrix; reduced across ranks as sums."""
@@ -570,14 +579,6 @@ def check_skipped(skipped, reported, upfront, total, cfg):
         raise SystemExit(f"{len(found) + upfront} of {total} training videos are unreadable, more than "
                          f"max_bad_video_fraction={cfg.max_bad_video_fraction}:\n" + "\n".join(sorted(found)[:20]))
     return len(found)
-
-
-def total_steps(cfg, mix, world):
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    per_epoch = sum(round(w * c) // per_step for c, w in zip(mix.counts, mix.weights))
-    return max(1, math.floor(per_epoch * cfg.num_train_epochs))
 
 
 class StopSignal:
