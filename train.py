@@ -694,8 +694,10 @@ def train_loop(cfg, rank, world, device, model, ddp_model, optimizer, scheduler,
             bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.2f}")
             window = [0.0, 0.0, 0.0]
         new_best = False
-        # a stop saves first: pre-emption grace periods (often 30 s) are shorter than an evaluation
-        if evals is not None and not stopping and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
+        # A stop saves without evaluating (pre-emption grace periods, often 30 s, are shorter than an
+        # evaluation), except at the last step: a resume would never run that evaluation.
+        eval_due = (cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last
+        if evals is not None and eval_due and (last or not stopping):
             results, _, eval_skipped = evaluate(ddp_model, evals, eval_mix, cfg, device, num_views)
             log_evaluation(log, state["step"], results, classes, eval_skipped)
             top1 = sum(r["top1"] for r in results.values()) / max(1, len(results))  # mean over datasets

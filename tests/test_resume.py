@@ -136,6 +136,24 @@ def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path):
     assert [m["step"] for m in metrics if m["split"] == "val"] == [40]
 
 
+class StopAlreadyRequested(train.StopSignal):
+    """As if SIGTERM had arrived during the first step."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested, self.name, self.since = 1, "SIGTERM", time.monotonic()
+
+
+def test_a_stop_during_the_last_step_still_evaluates(base_args, tmp_path, monkeypatch):
+    """A stop skips evaluation to save sooner, but not at the last step: no resume would run it."""
+    monkeypatch.setattr(train, "StopSignal", StopAlreadyRequested)
+    out = str(tmp_path / "run")
+    train.main(base_args + ["--output_dir", out, "--max_steps", "1"])
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in metrics if m["split"] == "val"] == [1]
+    assert "step_0000001" in os.listdir(os.path.join(out, "checkpoints"))
+
+
 @pytest.mark.parametrize("batch,accumulation", [(2, 2), (1, 4)])
 def test_gradient_accumulation_equals_one_big_batch(base_args, tmp_path, batch, accumulation):
     common = base_args + ["--max_steps", "3", "--eval_datasets", "[]", "--lr_scheduler_type", "constant",
