@@ -12,16 +12,18 @@ Design choices, each for a reason:
   change its hidden state.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
 
 import torch
 import torch.nn as nn
+import yaml
 from safetensors.torch import load_file, save_file
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from decoder import ActionDecoder
@@ -308,6 +310,10 @@ def load_optimizer_state(path, model, optimizer):
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint folders (train.py writes them atomically): weights, optimizer.pt, config.yaml,
+# classes.json, trainer_state.json (with the base model's fingerprint), rng_rank*.pt
+
 def base_model_fingerprint(cfg):
     """Which base weights a checkpoint's adapters belong to: the path and its config's hash."""
     from transformers import AutoConfig
@@ -316,6 +322,38 @@ def base_model_fingerprint(cfg):
     fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"model_name_or_path": cfg.model_name_or_path, "config_sha256": digest}
+
+
+def write_checkpoint_files(directory, model, weights, optim, state, cfg, classes):
+    """weights, optim: full_trainable_state and optimizer_state, gathered by every rank beforehand."""
+    save_weights(model, directory, weights)
+    torch.save(optim, os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
+    with open(os.path.join(directory, "config.yaml"), "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    with open(os.path.join(directory, "classes.json"), "w") as f:
+        json.dump(classes, f)
+    with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+        json.dump({**state, "base_model": base_model_fingerprint(cfg)}, f)
+    for dirpath, _, files in os.walk(directory):  # on disk before the rename makes it visible
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def load_checkpoint(directory, model, cfg):
+    """A resume, part 1: the weights, into the plain model (before DDP or FSDP2 wraps it). Returns
+    the trainer state (step, epoch, position, best_top1)."""
+    if not os.path.isfile(os.path.join(directory, "trainer_state.json")):
+        raise SystemExit(f"{directory} is not a checkpoint folder (no trainer_state.json)")
+    with open(os.path.join(directory, "trainer_state.json")) as f:
+        state = json.load(f)
+    saved_base, base = state.pop("base_model", None), base_model_fingerprint(cfg)
+    if saved_base is not None and saved_base["config_sha256"] != base["config_sha256"]:
+        raise SystemExit(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
+                         f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
+                         f"point model_name_or_path at the checkpoint's base model")
+    load_weights(model, directory)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,3 +378,12 @@ def shard_fsdp(model, device, world):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def reshard_fsdp(model):
+    """Before gathering whole tensors for a checkpoint. An eval forward leaves FSDP2's root unit
+    unsharded (it reshards the root after backward only), with plain tensors where the optimizer's
+    DTensors belong: reshard, so names and optimizer parameters line up again. No-op without FSDP2."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

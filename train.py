@@ -28,14 +28,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import Collator, DataError, VideoSettings, batch_stream, eval_batches, load_datasets, make_loader
 from predict import confusion_image, view_probabilities, write_eval_outputs
-from model import (base_model_fingerprint, build_classifier, build_optimizer, full_trainable_state,
-                   load_optimizer_state, load_weights, optimizer_state, save_weights, shard_fsdp)
+from model import (build_classifier, build_optimizer, full_trainable_state, load_checkpoint, load_optimizer_state,
+                   load_weights, optimizer_state, reshard_fsdp, shard_fsdp, write_checkpoint_files)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,26 +315,10 @@ class MetricsLog:
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: checkpoints/step_NNNNNNN, written to a temp folder and renamed, so a kill at any
-# moment leaves the previous checkpoint whole. Everything needed to resume exactly or to predict.
+# moment leaves the previous checkpoint whole. What a folder holds: model.write_checkpoint_files.
 
 def checkpoint_dirs(output_dir):
     return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step_[0-9]*")))
-
-
-def write_checkpoint_files(directory, model, weights, optim, state, cfg, classes):
-    """weights, optim: full_trainable_state and optimizer_state, gathered by every rank beforehand."""
-    save_weights(model, directory, weights)
-    torch.save(optim, os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
-    with open(os.path.join(directory, "config.yaml"), "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    with open(os.path.join(directory, "classes.json"), "w") as f:
-        json.dump(classes, f)
-    with open(os.path.join(directory, "trainer_state.json"), "w") as f:
-        json.dump({**state, "base_model": base_model_fingerprint(cfg)}, f)
-    for dirpath, _, files in os.walk(directory):  # on disk before the rename makes it visible
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
 
 
 def save_checkpoint(model, optimizer, state, cfg, classes, rank, device, best=False):
@@ -351,12 +334,8 @@ def save_checkpoint(model, optimizer, state, cfg, classes, rank, device, best=Fa
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
     torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))  # dropout masks resume too
     # Whole tensors, in the files a plain model loads. Under FSDP2 gathering them is a collective:
-    # every rank takes part, rank 0 alone keeps and writes them. An eval forward leaves the root unit
-    # unsharded (FSDP2 reshards the root after backward), with plain tensors where the optimizer's
-    # DTensors belong: reshard first, so names and optimizer parameters line up again.
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    # every rank takes part, rank 0 alone keeps and writes them.
+    reshard_fsdp(model)
     weights = full_trainable_state(model, keep=rank == 0)
     optim = optimizer_state(model, optimizer, keep=rank == 0)
     dist.barrier()
@@ -395,22 +374,6 @@ def resume_dir(cfg):
         return cfg.resume
     found = checkpoint_dirs(cfg.output_dir)
     return found[-1] if found else None
-
-
-def load_checkpoint(directory, model, cfg):
-    """A resume, part 1: the weights, into the plain model (before DDP or FSDP2 wraps it). Returns
-    the trainer state (step, epoch, position, best_top1)."""
-    if not os.path.isfile(os.path.join(directory, "trainer_state.json")):
-        raise SystemExit(f"{directory} is not a checkpoint folder (no trainer_state.json)")
-    with open(os.path.join(directory, "trainer_state.json")) as f:
-        state = json.load(f)
-    saved_base, base = state.pop("base_model", None), base_model_fingerprint(cfg)
-    if saved_base is not None and saved_base["config_sha256"] != base["config_sha256"]:
-        raise SystemExit(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
-                         f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
-                         f"point model_name_or_path at the checkpoint's base model")
-    load_weights(model, directory)
-    return state
 
 
 def load_training_state(directory, model, optimizer, scheduler, step, rank):

@@ -172,7 +172,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(base_args, tmp_path
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(train, "save_weights", no_space)  # the first file a save writes
+    monkeypatch.setattr("model.save_weights", no_space)  # the first file a save writes
     with pytest.raises(SystemExit):
         train.main(base_args + ["--max_steps", "2", "--eval_datasets", "[]", "--resume", "auto"])
     err = capsys.readouterr().err
