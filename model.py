@@ -12,26 +12,30 @@ Design choices, each for a reason:
   change its hidden state.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
 
 import torch
-import torch.nn as nn
-import yaml
-from safetensors.torch import load_file, save_file
 import torch.distributed as dist
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from config import ConfigError, write_config
 from decoder import ActionDecoder
 
 ACT_TOKEN = "<ACT>"
 LM_PREFIX = "model.language_model."
 VISION_BLOCKS_PREFIX = "model.visual.blocks."
 MERGER_PREFIX = "model.visual.merger."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded into this model/config; the message says why."""
 
 
 def load_processor(path, trust_remote_code=False):
@@ -72,7 +76,7 @@ def lora_target_names(vlm, cfg):
              if isinstance(module, nn.Linear) and name.startswith(tuple(prefixes))
              and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
     if not names:
-        raise ValueError(f"lora_target={cfg.lora_target!r} matches no Linear layer of {cfg.model_name_or_path}")
+        raise ConfigError(f"lora_target={cfg.lora_target!r} matches no Linear layer of {cfg.model_name_or_path}")
     return names
 
 
@@ -135,13 +139,11 @@ class ActionClassifier(nn.Module):
         is_act = (input_ids == self.act_token_id).unsqueeze(-1)
         return torch.where(is_act, self.act_embedding.to(embeds.dtype), embeds)
 
-    def act_hidden(self, input_ids, attention_mask, mm_token_type_ids, pixel_values_videos, video_grid_thw,
-                   second_per_grid_ts, act_index):
-        """Last-layer hidden state at each row's <ACT> token: (B, hidden)."""
-        out = self.backbone(
-            input_ids=input_ids, inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
-            mm_token_type_ids=mm_token_type_ids, pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts, use_cache=False)
+    def act_hidden(self, input_ids, act_index, **inputs):
+        """Last-layer hidden state at each row's <ACT> token: (B, hidden). `inputs`: the rest of
+        data.Collator's model inputs (attention_mask, mm_token_type_ids, pixel_values_videos,
+        video_grid_thw, second_per_grid_ts), passed to the backbone as they are."""
+        out = self.backbone(input_ids=input_ids, inputs_embeds=self.embed(input_ids), use_cache=False, **inputs)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return out.last_hidden_state[rows, act_index]
 
@@ -157,13 +159,21 @@ def build_classifier(cfg, head_sizes):
     heads = {}
     for space, num_classes in head_sizes.items():
         if cfg.action_decoder_path is not None and len(head_sizes) == 1:
-            heads[space] = ActionDecoder.from_pretrained(cfg.action_decoder_path)
+            heads[space] = pretrained_head(cfg.action_decoder_path)
         else:
             heads[space] = ActionDecoder(hidden, num_classes, cfg.action_decoder_type, cfg.action_decoder_hidden_size)
         if heads[space].config["num_classes"] != num_classes:
-            raise ValueError(f"action_decoder_path {cfg.action_decoder_path} has "
-                             f"{heads[space].config['num_classes']} classes, the config says {num_classes}")
+            raise ConfigError(f"action_decoder_path {cfg.action_decoder_path} has "
+                              f"{heads[space].config['num_classes']} classes, the config says {num_classes}")
     return processor, ActionClassifier(vlm, act_token_id, heads)
+
+
+def pretrained_head(directory):
+    """action_decoder_path: a folder ActionDecoder.save_pretrained wrote."""
+    if not os.path.isfile(os.path.join(directory, "action_decoder.json")):
+        raise ConfigError(f"action_decoder_path {directory}: no action_decoder.json there; point it at a folder "
+                          f"ActionDecoder.save_pretrained wrote (a checkpoint's heads/<label_space>)")
+    return ActionDecoder.from_pretrained(directory)
 
 
 def build_optimizer(model, cfg):
@@ -236,24 +246,29 @@ def load_weights(model, directory):
     """Loads what save_weights wrote. Every key must match both ways: a checkpoint from another
     model, LoRA setting or head layout is an error, never a silent partial load. Into a plain
     model: train.py loads before FSDP2 shards it (DTensor parameters do not take copy_ from a whole tensor)."""
-    state = load_file(os.path.join(directory, "trainable.safetensors"))
+    try:
+        state = load_file(os.path.join(directory, "trainable.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{directory}: cannot read trainable.safetensors ({e}); is it a checkpoints/step_* "
+                              f"folder?") from None
     expected = trainable_backbone_state(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not match this model/config: "
+        raise CheckpointError(f"checkpoint {directory} does not match this model/config: "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"checkpoint {directory}: {name} has shape {tuple(value.shape)}, "
+                raise CheckpointError(f"checkpoint {directory}: {name} has shape {tuple(value.shape)}, "
                                  f"this model expects {tuple(params[name].shape)}")
             params[name].copy_(value)
     for space, head in model.heads.items():
         saved = ActionDecoder.from_pretrained(os.path.join(directory, "heads", space))
         if saved.config != head.config:
-            raise ValueError(f"checkpoint {directory}: head {space!r} is {saved.config}, the config asks for {head.config}")
+            raise CheckpointError(f"checkpoint {directory}: head {space!r} is {saved.config}, the config asks for "
+                                  f"{head.config}")
         head.load_state_dict(saved.state_dict())
 
 
@@ -287,11 +302,11 @@ def load_optimizer_state(path, model, optimizer):
     unknown = sorted(set(saved["state"]) - {n for _, names in mine for n in names})
     if mine != theirs or unknown:
         if any(isinstance(n, int) for _, names in theirs for n in names):
-            raise SystemExit(f"{path} keys Adam's state by position (written before it was keyed by parameter "
-                             f"name); it cannot be resumed by this version")
-        raise SystemExit(f"{path} does not match this model/config's optimizer groups: saved "
-                         f"{[(g, len(ns)) for g, ns in theirs]}, expected {[(g, len(ns)) for g, ns in mine]}"
-                         + (f"; unknown parameters {unknown[:5]}" if unknown else ""))
+            raise CheckpointError(f"{path} keys Adam's state by position (written before it was keyed by "
+                                  f"parameter name); it cannot be resumed by this version")
+        raise CheckpointError(f"{path} does not match this model/config's optimizer groups: saved "
+                              f"{[(g, len(ns)) for g, ns in theirs]}, expected {[(g, len(ns)) for g, ns in mine]}"
+                              + (f"; unknown parameters {unknown[:5]}" if unknown else ""))
 
     def like(value, param):
         if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
@@ -324,12 +339,19 @@ def base_model_fingerprint(cfg):
     return {"model_name_or_path": cfg.model_name_or_path, "config_sha256": digest}
 
 
-def write_checkpoint_files(directory, model, weights, optim, state, cfg, classes):
-    """weights, optim: full_trainable_state and optimizer_state, gathered by every rank beforehand."""
+def gather_training_state(model, optimizer, keep=True):
+    """(weights, optimizer state) as whole CPU tensors keyed by name: what write_checkpoint_files
+    writes. Under FSDP2 a collective: every rank calls it, ranks with keep=False drop the result."""
+    reshard_fsdp(model)
+    return full_trainable_state(model, keep), optimizer_state(model, optimizer, keep)
+
+
+def write_checkpoint_files(directory, model, gathered, state, cfg, classes):
+    """gathered: gather_training_state's (weights, optimizer state)."""
+    weights, optim = gathered
     save_weights(model, directory, weights)
     torch.save(optim, os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
-    with open(os.path.join(directory, "config.yaml"), "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    write_config(cfg, os.path.join(directory, "config.yaml"))
     with open(os.path.join(directory, "classes.json"), "w") as f:
         json.dump(classes, f)
     with open(os.path.join(directory, "trainer_state.json"), "w") as f:
@@ -344,14 +366,15 @@ def load_checkpoint(directory, model, cfg):
     """A resume, part 1: the weights, into the plain model (before DDP or FSDP2 wraps it). Returns
     the trainer state (step, epoch, position, best_top1)."""
     if not os.path.isfile(os.path.join(directory, "trainer_state.json")):
-        raise SystemExit(f"{directory} is not a checkpoint folder (no trainer_state.json)")
+        raise CheckpointError(f"{directory} is not a checkpoint folder (no trainer_state.json): pass a "
+                              f"checkpoints/step_NNNNNNN folder")
     with open(os.path.join(directory, "trainer_state.json")) as f:
         state = json.load(f)
     saved_base, base = state.pop("base_model", None), base_model_fingerprint(cfg)
     if saved_base is not None and saved_base["config_sha256"] != base["config_sha256"]:
-        raise SystemExit(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
-                         f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
-                         f"point model_name_or_path at the checkpoint's base model")
+        raise CheckpointError(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
+                              f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
+                              f"point model_name_or_path at the checkpoint's base model")
     load_weights(model, directory)
     return state
 
@@ -368,8 +391,8 @@ def shard_fsdp(model, device, world):
     and the optimizer is built after it. Returns `model`: it is its own wrapper."""
     trained = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
     if len(trained) > 1:  # a unit's gradients are reduce-scattered as one flat buffer of one dtype
-        raise SystemExit(f"fsdp: the trained parameters are {trained}; FSDP2 needs one dtype (with bf16, "
-                         f"lora/freeze keeps additional_target modules in bf16 beside fp32 adapters)")
+        raise ConfigError(f"fsdp: the trained parameters are {trained}; FSDP2 needs one dtype (with bf16, "
+                          f"lora/freeze keeps additional_target modules in bf16 beside fp32 adapters)")
     with torch.no_grad():  # rank 0's weights everywhere, as DDP does (each rank seeded its random inits apart)
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t, src=0)

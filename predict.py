@@ -9,41 +9,61 @@ is the fixed training phrasing unless the input is a .jsonl of records, whose ow
 """
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import os
 import sys
+import typing
+from contextlib import nullcontext
 
-import numpy as np
 import torch
-import yaml
 
-from data import Collator, Sample, VideoDataset, VideoSettings, load_samples
-from model import build_classifier, load_weights
+from config import ConfigError, head_sizes, saved_config, video_settings
+from data import Collator, DataError, Sample, VideoDataset, load_samples
+from evaluation import class_names, eval_views, view_probabilities
+from model import CheckpointError, build_classifier, load_weights
+from prepare.records import DEFAULT_MESSAGES
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
-DEFAULT_MESSAGES = [{"role": "user", "content": "<video>What action is being performed in this video?"},
-                    {"role": "assistant", "content": "The action being performed is <ACT>."}]
+USER_ERRORS = (ConfigError, DataError, CheckpointError)  # one message and exit code 1, no traceback
+
+
+class Loaded(typing.NamedTuple):
+    cfg: object  # config.Config the checkpoint was trained with
+    processor: object
+    model: torch.nn.Module  # model.ActionClassifier, in eval mode
+    classes: dict  # label_space -> class names
 
 
 def load_classifier(checkpoint, device):
     """Rebuilds the model from the checkpoint's own config and loads its weights and class names."""
-    from train import Config, head_sizes  # the schema lives with the training script
-
-    with open(os.path.join(checkpoint, "config.yaml")) as f:
-        cfg = Config(**yaml.safe_load(f))
-    cfg = dataclasses.replace(cfg, gradient_checkpointing=False, action_decoder_path=None)
+    if not os.path.isfile(os.path.join(checkpoint, "config.yaml")):
+        raise CheckpointError(f"{checkpoint}: not a checkpoint folder (no config.yaml); pass a "
+                              f"runs/NAME/checkpoints/step_NNNNNNN (or best) folder")
+    cfg = saved_config(os.path.join(checkpoint, "config.yaml"))
+    cfg.gradient_checkpointing, cfg.action_decoder_path = False, None  # inference; the weights come from here
     processor, model = build_classifier(cfg, head_sizes(cfg))
     load_weights(model, checkpoint)
-    classes_file = os.path.join(checkpoint, "classes.json")
-    classes = json.load(open(classes_file)) if os.path.exists(classes_file) else {}
+    classes = read_classes(os.path.join(checkpoint, "classes.json"))
     for space, head in model.heads.items():
         names = classes.get(space)
         if names is not None and len(names) != head.config["num_classes"]:
-            raise SystemExit(f"{classes_file}: {len(names)} class names for label space {space!r}, "
-                             f"but its head has {head.config['num_classes']} outputs")
-    return cfg, processor, model.to(device).eval(), classes
+            raise CheckpointError(f"{checkpoint}/classes.json: {len(names)} class names for label space {space!r}, "
+                                  f"but its head has {head.config['num_classes']} outputs")
+    return Loaded(cfg, processor, model.to(device).eval(), classes)
+
+
+def read_classes(path):
+    """A checkpoint's classes.json: {label_space: [names]}; absent means class indices as names."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            classes = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the class names ({e})") from None
+    if not isinstance(classes, dict):
+        raise CheckpointError(f"{path}: expected {{label_space: [class names]}}, got a {type(classes).__name__}")
+    return classes
 
 
 def collect_samples(inputs, label_space, num_classes):
@@ -61,116 +81,27 @@ def collect_samples(inputs, label_space, num_classes):
         elif os.path.isfile(path):
             samples.append(Sample(os.path.abspath(path), DEFAULT_MESSAGES, None, label_space, path))
         else:
-            raise SystemExit(f"{path}: no such file or folder")
+            raise DataError(f"{path}: no such file or folder")
     if not samples:
-        raise SystemExit(f"no videos found in {inputs}")
+        raise DataError(f"no videos found in {inputs}")
     return samples
 
 
-@torch.no_grad()
-def view_probabilities(model, loader, num_views, autocast, device):
-    """Softmax probabilities averaged over the views, for every sample the loader yields (each
-    sample once per view): {index: (probabilities, label or -1, record, readable)}. Also returns
-    the messages of unreadable videos (another sample stood in for them; they count nowhere)."""
-    was_training = model.training
-    model.eval()
-    out, skipped = {}, set()
-    for batch in loader:
-        with autocast:
-            logits = model(batch["label_space"], **{k: v.to(device) for k, v in batch["inputs"].items()}).float()
-        probs = logits.softmax(-1).cpu().double() / num_views
-        for row, index in enumerate(batch["index"].tolist()):
-            total = out[index][0] + probs[row] if index in out else probs[row]
-            label = batch["labels"][row].item()
-            out[index] = (total, label if label >= 0 else -1, batch["sources"][row], bool(batch["valid"][row]))
-        skipped.update(batch["skipped"])
-    model.train(was_training)
-    return out, sorted(skipped)
-
-
-def predict(model, processor, samples, cfg, label_space, top_k, batch_size, device):
+def predict(loaded, samples, top_k, batch_size, device):
     """Yields (sample, [(class_index, probability), ...] or None for an unreadable video), in input
     order, sampled and viewed exactly as in evaluation."""
-    from train import eval_views
-
-    settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
-                             cfg.video_max_pixels)
-    dataset, views = VideoDataset(samples, settings), eval_views(cfg)
+    dataset, views = VideoDataset(samples, video_settings(loaded.cfg)), eval_views(loaded.cfg)
+    collate = Collator(loaded.processor, loaded.model.act_token_id)
     for start in range(0, len(samples), batch_size):
         chunk = range(start, min(start + batch_size, len(samples)))
-        loader = [Collator(processor, model.act_token_id)([dataset[(i, 0, False, view)] for i in chunk])
-                  for view in views]
-        probs, skipped = view_probabilities(model, loader, len(views), contextlib.nullcontext(), device)
+        loader = [collate([dataset[(i, 0, False, view)] for i in chunk]) for view in views]
+        probs, skipped = view_probabilities(loaded.model, loader, len(views), nullcontext(), device)
         for message in skipped:
             print(f"unreadable video: {message}", file=sys.stderr)
         for i in chunk:
             p, _, _, readable = probs[i]
             top = p.topk(min(top_k, len(p)))
             yield samples[i], list(zip(top.indices.tolist(), top.values.tolist())) if readable else None
-
-
-# ---------------------------------------------------------------------------------------------------
-# The evaluation report of `train.py --eval_only`: eval.json, predictions.jsonl, confusion PNGs
-
-def confusion_image(confusion, names):
-    """The confusion matrix as an RGB array: rows = true class, columns = predicted (same order),
-    normalised per row, classes sorted by accuracy (worst first, so the problems sit together at
-    the top), each row labelled "position name accuracy", columns numbered by the same positions every
-10, and a colour scale.
-    The shade is the square root of the rate, so a rare confusion (0.02) still shows. Rows are 12 px:
-    174 classes make a tall image, but every label stays legible."""
-    from PIL import Image, ImageDraw
-
-    rates = (confusion / confusion.sum(1, keepdim=True).clamp(min=1)).numpy()
-    order = np.argsort(np.diag(rates), kind="stable")
-    rates = rates[order][:, order]
-    n, cell, top = len(order), 12, 40
-    labels = [f"{r:>3} {names[i][:40]}  {rates[r, r]:.2f}" for r, i in enumerate(order)]  # r: its column too
-    title = "true class (rows, sorted by accuracy, worst first) vs predicted class (columns, same order)"
-    margin = 8 + 6 * max(len(t) for t in labels)
-    width = max(margin + n * cell + 90, 8 + 6 * len(title))
-    image = Image.new("RGB", (width, top + max(n * cell, 11 * 24) + 20), "white")  # the scale fits too
-    heat = (255 * (1 - np.sqrt(rates))).astype(np.uint8)  # white (0) .. blue (1)
-    block = np.stack([heat, heat, np.full_like(heat, 255)], -1).repeat(cell, 0).repeat(cell, 1)
-    image.paste(Image.fromarray(block, "RGB"), (margin, top))
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 8), title, fill="black")
-    for r, text in enumerate(labels):
-        draw.text((4, top + r * cell + 1), text, fill="black")
-    for c in range(0, n, 10):  # column positions, to read a confusion off a row
-        draw.text((margin + c * cell, top - 12), str(c), fill="black")
-    for k in range(11):  # colour scale, in the same square-root shading
-        y, rate = top + k * 24, 1 - k / 10
-        shade = int(255 * (1 - np.sqrt(rate)))
-        draw.rectangle([margin + n * cell + 10, y, margin + n * cell + 30, y + 22], fill=(shade, shade, 255))
-        draw.text((margin + n * cell + 35, y + 6), f"{rate:.1f}", fill="black")
-    return np.asarray(image)
-
-
-def write_eval_outputs(cfg, mix, results, rows, skipped):
-    from PIL import Image
-
-    summary = {"checkpoint": cfg.checkpoint, "views": {"clips": cfg.eval_num_clips, "crops": cfg.eval_num_crops,
-                                                       "averaging": "softmax probabilities"},
-               "sampling": {k: getattr(cfg, k) for k in ("video_fps", "video_maxlen", "video_num_frames",
-                                                         "video_min_pixels", "video_max_pixels")},
-               "skipped_videos": skipped, "datasets": {}}
-    for name, r in results.items():
-        names = mix.classes.get(r["label_space"], [str(i) for i in range(len(r["confusion"]))])
-        confusion = r["confusion"]
-        per_class = {names[c]: {"accuracy": (confusion[c, c] / confusion[c].sum()).item(), "count": int(confusion[c].sum())}
-                     for c in range(len(names)) if confusion[c].sum() > 0}
-        summary["datasets"][name] = {**{k: v for k, v in r.items() if k != "confusion"}, "per_class": per_class,
-                                     "confusion": confusion.long().tolist()}
-        Image.fromarray(confusion_image(confusion, names)).save(os.path.join(cfg.output_dir, f"confusion_{name}.png"))
-        print(f"{name}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} mean class acc {r['mean_class_acc']:.4f} "
-               f"loss {r['loss']:.4f} ({r['count']} samples)")
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(cfg.output_dir, "predictions.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"wrote eval.json, predictions.jsonl and confusion_*.png to {cfg.output_dir}")
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,15 +116,22 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="one JSON object per video on stdout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    try:
+        classify(args)
+    except USER_ERRORS as e:
+        raise SystemExit(str(e)) from None
 
+
+def classify(args):
     device = torch.device(args.device)
-    cfg, processor, model, classes = load_classifier(args.checkpoint, device)
-    space = args.label_space if args.label_space is not None else ("default" if "default" in model.heads else next(iter(model.heads)))
-    if space not in model.heads:
-        raise SystemExit(f"--label_space {space!r}: the checkpoint has heads {list(model.heads)}")
-    names = classes.get(space, [str(i) for i in range(model.heads[space].config["num_classes"])])
+    loaded = load_classifier(args.checkpoint, device)
+    heads = loaded.model.heads
+    space = args.label_space if args.label_space is not None else ("default" if "default" in heads else next(iter(heads)))
+    if space not in heads:
+        raise ConfigError(f"--label_space {space!r}: the checkpoint has heads {list(heads)}")
+    names = class_names(loaded.classes, space, heads[space].config["num_classes"])
     samples = collect_samples(args.inputs, space, len(names))
-    for sample, top in predict(model, processor, samples, cfg, space, args.top_k, args.batch_size, device):
+    for sample, top in predict(loaded, samples, args.top_k, args.batch_size, device):
         if top is None:
             print(json.dumps({"video": sample.video, "error": "unreadable video"}) if args.json
                   else f"{sample.video}\n  unreadable video (see the warning above)")

@@ -1,4 +1,4 @@
-"""Video decoding speed: LLaMA-Factory's way against data.decode_frames, and full sample preparation.
+"""Video decoding speed: LLaMA-Factory's way against video.decode_frames, and full sample preparation.
 
     python bench/decode.py                          # 20 clips of each kind, N = 8, 16, 32 frames
     python bench/decode.py --clips 10 --frames 16   # shorter
@@ -16,7 +16,7 @@ frame_size(info, min_pixels, max_pixels), the same for every method. Methods, in
   baseline      LLaMA-Factory's mm_plugin: decode every frame of the clip with PyAV, `frame.to_image()`
                 the sampled ones, PIL-resize them to the target size. Indices are handed to it, so it
                 pays no probing (LLaMA-Factory reads the header's frame count, which WebM lacks).
-  decode        data.load_clip: one open that counts the frames, picks the indices and decodes just
+  decode        video.load_clip: one open that counts the frames, picks the indices and decodes just
                 those, scaled inside FFmpeg's converter (what VideoDataset does without a cache).
   prep base     baseline + the Qwen processor (text + video -> model-ready tensors), called the way
                 LLaMA-Factory calls it: a list of PIL frames, processor resize on.
@@ -26,7 +26,7 @@ frame_size(info, min_pixels, max_pixels), the same for every method. Methods, in
                 converting nothing. `prep ceiling` = prep base time / floor time: the full-preparation
                 ratio a method would reach if RGB conversion, scaling, the processor and tokenizing cost
                 nothing at all.
-  cache         the cache-hit path of VideoDataset.__getitem__: data.cached_clip (a memory-mapped
+  cache         the cache-hit path of VideoDataset.__getitem__: video.cached_clip (a memory-mapped
                 file of every frame, already scaled) + picking the N frames; the cache is filled first,
                 untimed.
 Each round runs every method on each clip in turn; a method's time on a clip is its best round, and
@@ -47,12 +47,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import data  # noqa: E402
+import video  # noqa: E402
+from config import parse_config, video_settings  # noqa: E402
+from data import StepLayout  # noqa: E402
 from model import ACT_TOKEN  # noqa: E402
+from prepare.records import DEFAULT_MESSAGES as MESSAGES  # noqa: E402
 from prepare.synthetic import textured_clip, write_video  # noqa: E402
 from prepare.tiny_model import build_processor  # noqa: E402
 
-MESSAGES = [{"role": "user", "content": "<video>What action is being performed in this video?"},
-            {"role": "assistant", "content": f"The action being performed is {ACT_TOKEN}."}]
 KINDS = {"avi": (".avi", 25, 240, 320, (4, 12)), "webm": (".webm", 12, 240, 426, (2, 6))}
 
 
@@ -109,15 +111,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="actcls-bench-") as root:
         t0 = time.time()
         clips = {kind: make_clips(root, kind, args.clips, args.seed) for kind in KINDS}
-        infos = {kind: [data.probe_video(c) for c in clips[kind]] for kind in KINDS}
+        infos = {kind: [video.probe_video(c) for c in clips[kind]] for kind in KINDS}
         cache = os.path.join(root, "cache")
         for kind in KINDS:
             for c in clips[kind]:
-                data.cached_clip(c, cache, *budget)
+                video.cached_clip(c, cache, *budget)
         frames_total = {k: sum(i.num_frames for i in infos[k]) for k in KINDS}
         print(f"{args.clips} clips of each kind in {time.time() - t0:.0f}s: "
               + ", ".join(f"{k} {infos[k][0].width}x{infos[k][0].height} -> "
-                          f"{'x'.join(map(str, data.frame_size(infos[k][0], *budget)))}, "
+                          f"{'x'.join(map(str, video.frame_size(infos[k][0], *budget)))}, "
                           f"{frames_total[k] / args.clips:.0f} frames a clip on average" for k in KINDS)
               + f"; budget {args.min_pixels}..{args.max_pixels} pixels; best of {args.rounds} rounds\n")
 
@@ -125,11 +127,11 @@ def main(argv=None):
         for n in args.frames:
             for kind in KINDS:
                 paths, kind_infos = clips[kind], infos[kind]
-                plan = [(path, data.sample_indices(info.num_frames, n), data.frame_size(info, *budget))
+                plan = [(path, video.sample_indices(info.num_frames, n), video.frame_size(info, *budget))
                         for path, info in zip(paths, kind_infos)]
 
                 def decode_ours(path, indices):
-                    return data.load_clip(path, lambda info: indices, lambda info: data.frame_size(info, *budget))
+                    return video.load_clip(path, lambda info: indices, lambda info: video.frame_size(info, *budget))
 
                 def baseline(path, indices, size, info):
                     baseline_frames(path, indices, size)
@@ -150,12 +152,12 @@ def main(argv=None):
                               "sample": data.Sample(path, MESSAGES, 0, "default", "bench")}])
 
                 def floor(path, indices, size, info):
-                    with data._VideoFile(path) as video:
-                        assert video._decode_runs(set(indices.tolist()), lambda frame: None) is not None
+                    with video._VideoFile(path) as opened:
+                        assert opened._decode_runs(set(indices.tolist()), lambda frame: None) is not None
 
                 def cache_read(path, indices, size, info):
-                    info, clip = data.cached_clip(path, cache, *budget)
-                    np.ascontiguousarray(clip[data.sample_indices(info.num_frames, n)])
+                    info, clip = video.cached_clip(path, cache, *budget)
+                    np.ascontiguousarray(clip[video.sample_indices(info.num_frames, n)])
 
                 methods = {"baseline": baseline, "decode": decode, "prep base": prep_base,
                            "prep ours": prep_ours, "floor": floor, "cache": cache_read}
@@ -189,9 +191,8 @@ def time_loader(args):
     time (runs/<name>/metrics.jsonl: elapsed_s / step) to see whether training waits on data."""
     import dataclasses
 
-    import train
     from model import load_processor
-    cfg = train.parse_config(["--config", args.loader])
+    cfg = parse_config(["--config", args.loader])
     processor, act_id = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
     collate = data.Collator(processor, act_id)
     with tempfile.TemporaryDirectory(prefix="actcls-loader-") as cache:
@@ -200,9 +201,11 @@ def time_loader(args):
               f"{args.batches} batches after the first (wall clock)")
         for cache_dir in (None, cache):
             cfg = dataclasses.replace(cfg, video_cache_dir=cache_dir)
-            mix = train.load_mix(cfg, cfg.train_datasets)
+            mix = data.load_datasets(cfg.train_datasets, {"default": cfg.num_action_classes}, video_settings(cfg),
+                                     cfg.max_bad_video_fraction, cfg.seed)
             dataset = mix.dataset
-            batches = data.train_batches(mix.counts, mix.weights, cfg.per_device_train_batch_size, 1, 1, 0, 0, cfg.seed)
+            batches = data.train_batches(mix.counts, mix.weights, StepLayout(cfg.per_device_train_batch_size, 1, 1, 0), 0,
+                                         cfg.seed)
             batches = batches[:args.batches + 1]
             if cache_dir is not None:  # fill it, untimed: the second epoch onwards
                 for key in {k for b in batches for k in b}:

@@ -59,9 +59,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
+from prepare.records import DEFAULT_MESSAGES as MESSAGES  # noqa: E402
+
 VARIANTS = ("actcls", "inner_full", "peer")
-MESSAGES = [{"role": "user", "content": "<video>What action is being performed in this video?"},
-            {"role": "assistant", "content": "The action being performed is <ACT>."}]
 CLIP_HW, CLIP_FPS = (240, 320), 25.0  # UCF101 clips are 320x240 at 25 fps
 NUM_CLASSES = 101
 
@@ -99,7 +99,7 @@ def model_config(args):
 
 
 def train_config(args, gradient_checkpointing):
-    from train import Config
+    from config import Config
 
     return Config(model_name_or_path="(built in memory)", attn_implementation=args.attn_implementation,
                   num_action_classes=NUM_CLASSES, finetuning_type="lora", lora_rank=16, lora_alpha=32.0,
@@ -137,7 +137,8 @@ def make_batch(processor, act_id, num_frames, batch_size, cut, max_pixels, devic
     (cut after <ACT>); cut=False: the same processor call on the whole conversation."""
     from transformers.video_utils import VideoMetadata
 
-    from data import Collator, Sample, VideoInfo, prompt_messages, sample_indices, smart_resize
+    from data import Collator, Sample, prompt_messages
+    from video import VideoInfo, sample_indices, smart_resize
 
     h, w = smart_resize(*CLIP_HW, 28, 256, max_pixels)
     rng = np.random.default_rng(0)
@@ -438,8 +439,8 @@ def padding_main(args):
     without group_by_length. A sample's length is exact without decoding: its video tokens
     (data.sample_lengths, from a probe) + its text tokens (the cut prompt, tokenized, minus the one
     <|video_pad|> placeholder the processor expands)."""
-    from data import (VideoDataset, VideoSettings, load_samples, prompt_text, sample_lengths,
-                      train_batches)
+    from data import StepLayout, VideoDataset, load_samples, prompt_text, sample_lengths, train_batches
+    from video import VideoSettings
     from model import ACT_TOKEN
     from prepare.tiny_model import build_processor
 
@@ -458,7 +459,7 @@ def padding_main(args):
     for batch_size in args.batch:
         row = []
         for grouped in (False, True):
-            batches = train_batches(sizes, weights, batch_size, 1, 1, 0, 0, 0, lengths if grouped else None)
+            batches = train_batches(sizes, weights, StepLayout(batch_size, 1, 1, 0), 0, 0, lengths if grouped else None)
             slots = sum(len(b) * max(lengths[j] for j, _, _ in b) for b in batches)
             used = sum(lengths[j] for b in batches for j, _, _ in b)
             row.append(1 - used / slots)

@@ -50,6 +50,8 @@ ANSWERS = [
     "I see <ACT> in this video.",
     "The action happening in this video is <ACT>.",
 ]
+# The fixed phrasing (pair 0): what predict.py, the benchmarks and the synthetic demo use.
+DEFAULT_MESSAGES = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": ANSWERS[0]}]
 assert len(QUESTIONS) == len(ANSWERS)
 assert all(q.startswith("<video>") for q in QUESTIONS)
 assert all(a.count("<ACT>") == 1 for a in ANSWERS)
@@ -64,10 +66,7 @@ def make_record(video: str, label: int | None, rng: random.Random | None = None)
     test split) leaves out the action_label key."""
     i = rng.randrange(len(QUESTIONS)) if rng is not None else 0
     record = {
-        "messages": [
-            {"role": "user", "content": QUESTIONS[i]},
-            {"role": "assistant", "content": ANSWERS[i]},
-        ],
+        "messages": [{"role": "user", "content": QUESTIONS[i]}, {"role": "assistant", "content": ANSWERS[i]}],
         "videos": [video],
     }
     if label is not None:

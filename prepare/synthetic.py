@@ -7,7 +7,8 @@ Usage (from the repo root):
 Writes, under --out:
     videos/train_00000.mp4, videos/train_00001.avi, videos/train_00002.webm, ...  (containers round-robin)
     classes.json            ["move_left", "move_right", "move_up", "move_down", "grow", "shrink"]
-    val.jsonl, train.jsonl  one sharegpt record per clip (see DESIGN.md), video paths relative to --out
+    val.jsonl, train.jsonl  one sharegpt record per clip (prepare/records.py, the fixed phrasing), video
+                            paths relative to --out
 
 The jsonl files are written last (temp file + os.replace) and any old ones are removed first, so a
 folder with both jsonl files is a finished run. The same --seed gives byte-identical jsonl files and
@@ -35,8 +36,8 @@ Part 2) or .webm (VP9), picked by the extension. Other tests use it to make fixt
 # sampler (8 of the 16 frames, resized to 112 px) and lossy encoding.
 
 import argparse
-import json
 import os
+import sys
 import time
 from fractions import Fraction
 from multiprocessing import Pool
@@ -44,6 +45,10 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+# make `prepare.records` importable both as `python prepare/synthetic.py` and as `import prepare.synthetic`
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prepare.records import make_record, write_classes, write_jsonl  # noqa: E402
 
 CLASSES = ["move_left", "move_right", "move_up", "move_down", "grow", "shrink"]
 DIRECTIONS = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}  # label -> (dx, dy), image y points down
@@ -238,18 +243,6 @@ def write_video(path, frames, fps=8) -> None:
 # dataset
 
 
-def _record(video: str, label: int) -> dict:
-    """One sharegpt record in the DESIGN.md format (fixed phrasing)."""
-    return {
-        "messages": [
-            {"role": "user", "content": "<video>What action is being performed in this video?"},
-            {"role": "assistant", "content": "The action being performed is <ACT>."},
-        ],
-        "videos": [video],
-        "action_label": int(label),
-    }
-
-
 def _split_labels(n: int, seed: int, split_id: int) -> list[int]:
     """Balanced labels (cycle through the classes), shuffled reproducibly."""
     labels = np.arange(n) % len(CLASSES)
@@ -268,12 +261,6 @@ def _make_one(job: tuple) -> str:
     write_video(tmp, clip, fps)
     os.replace(tmp, final)
     return name
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             name = f"videos/{split}_{i:05d}{CONTAINERS[i % len(CONTAINERS)]}"
             jobs.append((str(out), name, label, args.seed, split_id, i, args.size, args.frames, args.fps,
                          args.first_frame_only))
-            records[split].append(_record(name, label))
+            records[split].append(make_record(name, label))  # the fixed phrasing
 
     if args.workers > 1 and len(jobs) > 1:
         with Pool(args.workers) as pool:
@@ -322,9 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         for job in jobs:
             _make_one(job)
 
-    _write_atomic(out / "classes.json", json.dumps(CLASSES) + "\n")
+    write_classes(out / "classes.json", CLASSES)
     for split in ("val", "train"):  # train.jsonl last: its presence marks a finished run
-        _write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records[split]))
+        write_jsonl(out / f"{split}.jsonl", records[split])
     print(f"wrote {args.train} train + {args.val} val clips ({args.size}px, {args.frames} frames @ "
           f"{args.fps} fps) to {out} in {time.time() - t0:.1f}s")
 

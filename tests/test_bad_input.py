@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+import config
 import train
 
 GOOD = {"messages": [{"role": "user", "content": "<video>What action is being performed in this video?"},
@@ -121,8 +122,8 @@ def test_checkpoint_with_other_class_count_is_refused(base_args, tmp_path):
     from model import build_classifier, load_weights
 
     train.main(base_args + ["--max_steps", "1", "--eval_datasets", "[]"])
-    cfg = train.parse_config(base_args + ["--num_action_classes", "7"])
-    _, model = build_classifier(cfg, train.head_sizes(cfg))
+    cfg = config.parse_config(base_args + ["--num_action_classes", "7"])
+    _, model = build_classifier(cfg, config.head_sizes(cfg))
     with pytest.raises(ValueError, match="head 'default' is .*'num_classes': 6.*'num_classes': 7"):
         load_weights(model, str(tmp_path / "run" / "checkpoints" / "step_0000001"))
 
@@ -259,7 +260,8 @@ def eight_with_one_broken(tmp_path, synthetic_dir, kind, bad_line=5):
 def test_broken_video_is_skipped_whichever_frames_are_sampled(tmp_path, synthetic_dir, kind):
     """The dataset item of a broken video never holds frames of it: it is skipped (the next sample
     stands in) in every epoch, whichever frame offsets that epoch draws."""
-    from data import VideoSettings, load_samples, VideoDataset
+    from data import load_samples, VideoDataset
+    from video import VideoSettings
 
     path, records = eight_with_one_broken(tmp_path, synthetic_dir, kind)
     samples, bad = load_samples(path, None, 6)
@@ -303,7 +305,8 @@ def test_clip_shorter_than_the_frames_requested_repeats_frames(base_args, tmp_pa
     """Not a bad video: a 1-frame clip (2 frames requested at least) and a 3-frame clip with
     video_num_frames 8 train with repeated frames, nothing skipped, at the default tolerance."""
     import numpy as np
-    from data import VideoSettings, load_samples, VideoDataset
+    from data import load_samples, VideoDataset
+    from video import VideoSettings
     from prepare.synthetic import make_clip, write_video
 
     with open(os.path.join(synthetic_dir, "train.jsonl")) as f:

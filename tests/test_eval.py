@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 import data
+import evaluation
 import predict
 import train
+import video
 from prepare.synthetic import CLASSES, make_clip, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +30,7 @@ TOL = 3e-6  # predictions.jsonl / predict --json round probabilities to 6 decima
 
 def confusion_image(confusion, names):
     """The renderer behind confusion_<dataset>.png, wherever the refactor puts it."""
-    render = getattr(predict, "confusion_image", None) or train.confusion_image
+    render = evaluation.confusion_image
     return render(confusion, names)
 
 
@@ -112,7 +114,7 @@ def best_eval(tiny_model_dir, synthetic_dir, evalset, trained, tmp_path_factory)
 def reference(trained):
     """The best checkpoint's model, loaded on its own; probs(samples, view) runs it clip by clip."""
     cfg, processor, model, _ = predict.load_classifier(os.path.join(trained, "checkpoints", "best"), torch.device("cpu"))
-    settings = data.VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
+    settings = video.VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
                                   cfg.video_max_pixels)
     collate = data.Collator(processor, model.act_token_id)
 
@@ -306,7 +308,7 @@ def test_three_crops_are_the_start_centre_and_end_of_the_longer_side(wide_set):
     all three different. (Rounding the start down to 28 px makes the centre crop the first one again
     here; on SSv2's 427x240 clips at the shipped 16384-pixel budget, 84 x 168, it starts at 28, not 42.)"""
     samples = [s for s in data.load_samples(wide_set, None, len(CLASSES))[0] if os.path.basename(s.video) == "wide_0.mp4"]
-    dataset = data.VideoDataset(samples, data.VideoSettings(4, 8, None, 3136, 3136))
+    dataset = data.VideoDataset(samples, video.VideoSettings(4, 8, None, 3136, 3136))
     whole = dataset[(0, 0, False, (0, 1, 0, 1))]["frames"]
     assert whole.shape[1:] == (28, 56, 3)
     crops = [dataset[(0, 0, False, (0, 1, k, 3))]["frames"] for k in range(3)]

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import predict
-from data import Collator, VideoDataset, VideoSettings, load_samples
+from data import Collator, VideoDataset, load_samples
 from model import build_classifier
 from test_resume import ROOT, assert_same_training, torchrun, train_losses
-from train import head_sizes
+from config import head_sizes
+from video import VideoSettings
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 implementations, and length-grouped batches."""
 
 import dataclasses
+import types
 import json
 import os
 import random
@@ -15,10 +16,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from data import Collator, VideoDataset, VideoSettings, batch_stream, load_samples, sample_lengths, train_batches
+from data import Collator, StepLayout, VideoDataset, batch_stream, load_samples, sample_lengths, train_batches
 from model import build_classifier, build_optimizer
 from prepare.synthetic import main as make_synthetic
-from train import Config
+from config import Config
+from video import VideoSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = VideoSettings(video_fps=4, video_maxlen=8, video_num_frames=None, video_min_pixels=3136,
@@ -125,7 +127,8 @@ def test_bf16_step_close_to_fp32_with_fp32_head_and_optimizer_state(tiny_model_d
     losses = {}
     for bf16, model in models.items():
         optimizer = build_optimizer(model, cfgs[bf16])
-        losses[bf16], _, _ = train.train_micro_step(model, batch, cfgs[bf16], CPU, 1)
+        run = types.SimpleNamespace(wrapped=model, cfg=cfgs[bf16], device=CPU)  # what a micro-step reads of the run
+        losses[bf16] = train.train_micro_step(run, batch).loss
         optimizer.step()
     # the frozen base really is bf16 ...
     assert model.backbone.language_model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
@@ -169,9 +172,10 @@ def test_length_grouping_cuts_padding_keeps_every_sample_once_and_one_label_spac
     world, batch, accumulation = 2, 2, 2
     epochs = []
     for epoch in (0, 1):
-        plain = [train_batches(sizes, [1, 1], batch, accumulation, world, r, epoch, 7) for r in range(world)]
-        grouped = [train_batches(sizes, [1, 1], batch, accumulation, world, r, epoch, 7, lengths) for r in range(world)]
-        assert grouped == [train_batches(sizes, [1, 1], batch, accumulation, world, r, epoch, 7, lengths)
+        plain = [train_batches(sizes, [1, 1], StepLayout(batch, accumulation, world, r), epoch, 7) for r in range(world)]
+        grouped = [train_batches(sizes, [1, 1], StepLayout(batch, accumulation, world, r), epoch, 7, lengths)
+                   for r in range(world)]
+        assert grouped == [train_batches(sizes, [1, 1], StepLayout(batch, accumulation, world, r), epoch, 7, lengths)
                            for r in range(world)], "deterministic in (seed, epoch): resume needs it"
         epochs.append(grouped)
         seen = sorted(j for rank in grouped for b in rank for j, _, _ in b)
@@ -182,7 +186,7 @@ def test_length_grouping_cuts_padding_keeps_every_sample_once_and_one_label_spac
         after = padding_fraction([b for rank in grouped for b in rank], lengths)
         assert after < 0.5 * before, (before, after)
         # same samples per optimizer step whatever the split into batch x accumulation x world
-        as_one = train_batches(sizes, [1, 1], 8, 1, 1, 0, epoch, 7, lengths)
+        as_one = train_batches(sizes, [1, 1], StepLayout(8, 1, 1, 0), epoch, 7, lengths)
         steps = [sorted(j for r in range(world) for b in grouped[r][s * accumulation:(s + 1) * accumulation]
                         for j, _, _ in b) for s in range(len(as_one))]
         assert steps == [sorted(j for j, _, _ in b) for b in as_one]
@@ -225,7 +229,8 @@ def test_group_by_length_through_batch_stream(mixed_length_set, tiny_model_dir, 
 
     padding = {}
     for grouped in (False, True):
-        stream = batch_stream(mix, collate, dataclasses.replace(cfg, group_by_length=grouped), 0, 1, 0, 0)
+        stream = batch_stream(mix, collate, dataclasses.replace(cfg, group_by_length=grouped), StepLayout(2, 1, 1, 0),
+                              (0, 0))
         pad = slots = 0
         seen = []
         per_epoch = len(dataset) // 2

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 import predict
 import train
-from data import VideoSettings, load_datasets, load_samples, train_batches
+from data import StepLayout, load_datasets, load_samples, train_batches
+from video import VideoSettings
 from decoder import ActionDecoder
 
 EXCERPT = Path(__file__).resolve().parent / "data" / "ivcp_ucf101_excerpt.json"
@@ -159,7 +161,7 @@ def plan(batch, accumulation, world, epoch=0, seed=7, lengths=None):
     """Every rank's micro-batches, as global indices."""
     ranks = []
     for rank in range(world):
-        micros = train_batches(SIZES, WEIGHTS, batch, accumulation, world, rank, epoch, seed, lengths)
+        micros = train_batches(SIZES, WEIGHTS, StepLayout(batch, accumulation, world, rank), epoch, seed, lengths)
         assert all(tuple(key)[1:] == (epoch, True) for micro in micros for key in micro)  # (index, epoch, train)
         ranks.append([[int(key[0]) for key in micro] for micro in micros])
     return ranks
@@ -255,8 +257,8 @@ def test_undeclared_label_space_names_the_dataset_and_the_fix(base_args, synthet
 def test_dataset_entry_name_is_accepted_and_names_the_dataset(base_args, synthetic_dir, axis_dir):
     entries = [{"path": f"{synthetic_dir}/val.jsonl", "name": "motion"},
                {"path": f"{axis_dir}/val.jsonl", "video_root": synthetic_dir, "label_space": "axis", "name": "axes"}]
-    cfg = train.parse_config(base_args + ["--label_spaces", "{axis: 3}", "--eval_datasets", dataset_arg(entries)])
-    mix = load_datasets(cfg.eval_datasets, train.head_sizes(cfg), VideoSettings(4, 8, None, 3136, 3136), 0.01)
+    cfg = config.parse_config(base_args + ["--label_spaces", "{axis: 3}", "--eval_datasets", dataset_arg(entries)])
+    mix = load_datasets(cfg.eval_datasets, config.head_sizes(cfg), VideoSettings(4, 8, None, 3136, 3136), 0.01)
     assert mix.names == ["motion", "axes"] and mix.spaces == ["default", "axis"]
 
 

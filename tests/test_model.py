@@ -6,10 +6,11 @@ import os
 import pytest
 import torch
 
-from data import Collator, VideoDataset, VideoSettings, load_samples, prompt_messages
+from config import Config
+from data import Collator, VideoDataset, load_samples, prompt_messages
 from decoder import ActionDecoder
 from model import build_classifier, build_optimizer, load_weights, save_weights
-from train import Config
+from video import VideoSettings
 
 SETTINGS = VideoSettings(video_fps=4, video_maxlen=8, video_num_frames=None, video_min_pixels=3136,
                          video_max_pixels=3136)

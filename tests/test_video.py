@@ -1,4 +1,4 @@
-"""The video path (data.py, "Video" section): exact frames for every container, robust frame counts,
+"""The video path (video.py): exact frames for every container, robust frame counts,
 TSN sampling, temporal positions that follow the sampled frame rate, early scaling that matches the
 Qwen processor, and a cache that changes nothing but speed.
 
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from data import (Collator, DataError, Sample, VideoDataset, VideoSettings, decode_frames, frame_size,
-                  num_frames_to_sample, probe_video, sample_indices, smart_resize)
+import video
+from data import Collator, Sample, VideoDataset
+from video import (DataError, VideoSettings, decode_frames, frame_size, num_frames_to_sample, probe_video,
+                   sample_indices, smart_resize)
 from model import ACT_TOKEN
 from prepare.synthetic import textured_clip, write_video
 from prepare.tiny_model import build_processor, tiny_config
@@ -106,7 +107,7 @@ def no_fallback(monkeypatch):
     """Fail if decode_frames gives up on the keyframe path and decodes everything in order."""
     def refuse(self, wanted, convert):
         raise AssertionError(f"{self.path}: fell back to decoding every frame")
-    monkeypatch.setattr(data._VideoFile, "_decode_in_order", refuse)
+    monkeypatch.setattr(video._VideoFile, "_decode_in_order", refuse)
 
 
 def write_clip(path, num_frames, fps, height=240, width=320, seed=0):
@@ -140,19 +141,19 @@ def test_decode_frames_exact(videos, name, no_fallback):
 @pytest.mark.parametrize("name", sorted(MULTI_GOP))
 def test_decode_skips_to_keyframes(videos, name):
     """The last frame of a multi-GOP clip is decoded from the last keyframe, not from frame 0."""
-    with data._VideoFile(videos[name][0]) as video:
-        ((start, end),) = video._runs({T - 1})
-        assert start > 0 and video.packets[start].is_keyframe
+    with video._VideoFile(videos[name][0]) as opened:
+        ((start, end),) = opened._runs({T - 1})
+        assert start > 0 and opened.packets[start].is_keyframe
 
 
 @pytest.mark.parametrize("name", ["avi_bframes", "mp4_open_gop", "webm"])
 def test_in_order_fallback_exact(videos, name):
     """When timestamps cannot order the frames, decoding every frame in order is still exact."""
     path, ref = videos[name]
-    with data._VideoFile(path) as video:
-        video.order = None
+    with video._VideoFile(path) as opened:
+        opened.order = None
         indices = [T - 1, 4, 4, 0, 21]
-        assert np.array_equal(video.decode(indices), ref[indices])
+        assert np.array_equal(opened.decode(indices), ref[indices])
 
 
 def test_out_of_range_index_names_the_file(videos):
@@ -188,7 +189,7 @@ def test_probe_counts_what_a_full_decode_yields(videos, name):
 # sampling
 
 def info_of(num_frames, fps):
-    return data.VideoInfo(num_frames, fps, 320, 240)
+    return video.VideoInfo(num_frames, fps, 320, 240)
 
 
 def test_num_frames_fps_maxlen_and_fixed():
@@ -352,7 +353,7 @@ def test_cache_items_equal_uncached(tmp_path, videos, monkeypatch):
 
     def refuse(*args):
         raise AssertionError("a cache hit opened the video")
-    monkeypatch.setattr(data, "_VideoFile", refuse)
+    monkeypatch.setattr(video, "_VideoFile", refuse)
     check()
 
 

@@ -1,0 +1,49 @@
+"""The module layout the README promises: imports run one way, bottom to top, and no project module is
+imported inside a function (the usual way to hide a cycle)."""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A module may import only modules of a lower layer. `prepare` (the converters' package) sits with the
+# scripts' inputs: only the top layer uses it (predict.py takes the default prompt from prepare.records).
+LAYERS = {"video": 0, "decoder": 0, "config": 1, "model": 2, "data": 3, "evaluation": 4,
+          "train": 5, "predict": 5, "prepare": 4.5}
+
+
+def project_imports(path):
+    """(imported project module, line, inside a function?) for every import in the file."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            names = []
+            if isinstance(child, ast.Import):
+                names = [a.name.split(".")[0] for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                names = [child.module.split(".")[0]]
+            found.extend((n, child.lineno, inner) for n in names if n in LAYERS)
+            visit(child, inner)
+    visit(tree, False)
+    return found
+
+
+def root_modules():
+    return sorted(name[:-3] for name in os.listdir(ROOT) if name.endswith(".py"))
+
+
+def test_every_root_module_has_a_layer():
+    assert set(root_modules()) <= set(LAYERS), "add the new module to LAYERS (and to the README's map)"
+
+
+@pytest.mark.parametrize("module", root_modules())
+def test_imports_run_one_way(module):
+    layer = LAYERS[module]
+    for imported, line, in_function in project_imports(os.path.join(ROOT, f"{module}.py")):
+        assert LAYERS[imported] < layer, f"{module}.py:{line} imports {imported}, which is not below it"
+        assert not in_function, f"{module}.py:{line} imports {imported} inside a function"
