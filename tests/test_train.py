@@ -17,7 +17,9 @@ def read_metrics(output_dir):
 
 
 def test_loss_goes_down_on_a_handful_of_samples(base_args, synthetic_dir, tmp_path):
-    # 8 clips, every step the same 8: the model must fit them.
+    # 8 clips, every step the same 8: the model must fit them. At the demo's learning rate: 3e-3 fits them
+    # too, but with loss spikes (clipped DoRA steps overshoot), so where the last 5 steps land depended
+    # on the CPU's rounding (it failed on an AMD EPYC machine with last-5 loss 1.44).
     with open(os.path.join(synthetic_dir, "train.jsonl")) as f:
         lines = f.readlines()[:8]
     (tmp_path / "few.jsonl").write_text("".join(lines))
@@ -25,7 +27,7 @@ def test_loss_goes_down_on_a_handful_of_samples(base_args, synthetic_dir, tmp_pa
     # the records' relative video paths resolve against video_root
     args = base_args + ["--train_datasets", f"[{{path: {few}, video_root: {synthetic_dir}}}]",
                         "--eval_datasets", "[]", "--per_device_train_batch_size", "8", "--max_steps", "40",
-                        "--learning_rate", "3e-3", "--warmup_steps", "0", "--lr_scheduler_type", "constant"]
+                        "--learning_rate", "1e-3", "--warmup_steps", "0", "--lr_scheduler_type", "constant"]
     train.main(args)
     losses = [m["loss"] for m in read_metrics(str(tmp_path / "run")) if m["split"] == "train"]
     assert len(losses) == 40
