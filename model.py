@@ -15,11 +15,13 @@ Design choices, each for a reason:
 import hashlib
 import json
 import os
+import pickle
+import zipfile
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -362,12 +364,39 @@ def write_checkpoint_files(directory, model, gathered, state, cfg, classes):
                 os.fsync(f.fileno())
 
 
+def checkpoint_problem(directory):
+    """Why a checkpoint folder cannot be read, or None. Every file a resume reads is opened the way it
+    will be read (safetensors headers checked against the file size, zip archives' directories,
+    JSON parsed), cheaply: tensors stay on disk. Whether the weights fit this model is
+    load_checkpoint's business, not this."""
+    if not os.path.isdir(directory):
+        return "not a folder"
+    try:
+        with open(os.path.join(directory, "trainer_state.json")) as f:
+            json.load(f)["step"]
+        for name in ["trainable.safetensors"] + [os.path.join("heads", space, "action_decoder.safetensors")
+                                                 for space in os.listdir(os.path.join(directory, "heads"))]:
+            with safe_open(os.path.join(directory, name), "pt"):
+                pass
+        for name in ["optimizer.pt"] + [n for n in os.listdir(directory) if n.startswith("rng_rank")]:
+            if not zipfile.is_zipfile(os.path.join(directory, name)):  # torch.save writes zip archives
+                return f"{name} is not a torch.save archive (damaged, or not written by actcls)"
+            torch.load(os.path.join(directory, name), weights_only=True, mmap=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        # missing file, bad JSON, truncated header or zip, a pickle torch.load(weights_only) refuses
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    return None
+
+
 def load_checkpoint(directory, model, cfg):
     """A resume, part 1: the weights, into the plain model (before DDP or FSDP2 wraps it). Returns
     the trainer state (step, epoch, position, best_top1)."""
     if not os.path.isfile(os.path.join(directory, "trainer_state.json")):
         raise CheckpointError(f"{directory} is not a checkpoint folder (no trainer_state.json): pass a "
                               f"checkpoints/step_NNNNNNN folder")
+    problem = checkpoint_problem(directory)
+    if problem is not None:
+        raise CheckpointError(f"{directory}: the checkpoint cannot be read ({problem})")
     with open(os.path.join(directory, "trainer_state.json")) as f:
         state = json.load(f)
     saved_base, base = state.pop("base_model", None), base_model_fingerprint(cfg)

@@ -32,8 +32,8 @@ from config import Config, ConfigError, head_sizes, parse_config, video_settings
 from data import Collator, DataError, DatasetMix, StepLayout, batch_stream, load_datasets, steps_per_epoch
 from evaluation import (all_reduce_sums, autocast, check_even_eval_batches, class_names, confusion_image,
                         eval_loader, evaluate, prediction_rows, write_eval_outputs)
-from model import (CheckpointError, build_classifier, build_optimizer, gather_training_state, load_checkpoint,
-                   load_optimizer_state, load_weights, shard_fsdp, write_checkpoint_files)
+from model import (CheckpointError, build_classifier, build_optimizer, checkpoint_problem, gather_training_state,
+                   load_checkpoint, load_optimizer_state, load_weights, shard_fsdp, write_checkpoint_files)
 
 # A user's mistake in the config, the data or a checkpoint: one message and exit code 1, no traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -453,14 +453,26 @@ def publish_checkpoint(run, tmp, final, gathered, best):
 
 
 def resume_dir(cfg):
+    """The checkpoint to resume from, or None. `--resume auto`: the newest one that can be read; one
+    that cannot (a disk fault after its rename, a file deleted by hand) is named and passed over.
+    One that can be read but does not fit this model/config stays an error (load_checkpoint)."""
     for tmp in glob.glob(os.path.join(cfg.output_dir, "checkpoints", ".tmp_step_*")):
         shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during a save; never complete
     if cfg.resume is None:
         return None
     if cfg.resume != "auto":
         return cfg.resume
-    found = checkpoint_dirs(cfg.output_dir)
-    return found[-1] if found else None
+    found, problems = checkpoint_dirs(cfg.output_dir), []
+    for directory in reversed(found):
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            return directory
+        problems.append(f"{directory}: {problem}")
+        print0(f"--resume auto: {directory} cannot be read ({problem}); trying the one before it")
+    if found:
+        raise CheckpointError(f"--resume auto: no checkpoint in {cfg.output_dir}/checkpoints can be read:\n  "
+                              + "\n  ".join(problems) + "\nMove them away to start afresh, or pass --resume DIR.")
+    return None
 
 
 def load_training_state(directory, model, optimizer, scheduler, step, rank):

@@ -154,6 +154,28 @@ def test_a_stop_during_the_last_step_still_evaluates(base_args, tmp_path, monkey
     assert "step_0000001" in os.listdir(os.path.join(out, "checkpoints"))
 
 
+def test_resume_auto_passes_over_an_unreadable_newest_checkpoint(base_args, tmp_path, capsys):
+    common = base_args + ["--max_steps", "3", "--eval_datasets", "[]", "--save_steps", "1", "--save_total_limit", "3"]
+    straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
+    train.main(common + ["--output_dir", straight])
+    train.main(common + ["--output_dir", damaged, "--max_steps", "2"])
+    newest = os.path.join(damaged, "checkpoints", "step_0000002", "trainable.safetensors")
+    with open(newest, "r+b") as f:  # a disk fault after the rename: the file is cut short
+        f.truncate(os.path.getsize(newest) // 2)
+    capsys.readouterr()
+    train.main(common + ["--output_dir", damaged, "--resume", "auto"])
+    out = capsys.readouterr().out
+    assert "step_0000002 cannot be read (SafetensorError" in out and "resumed from" in out and "at step 1" in out
+    assert train_losses(damaged) == train_losses(straight)  # steps 2 and 3 again, exactly
+
+    for step in (1, 2, 3):  # now no checkpoint can be read: say so for each, start nothing
+        os.remove(os.path.join(damaged, "checkpoints", f"step_{step:07d}", "optimizer.pt"))
+    with pytest.raises(SystemExit) as err:
+        train.main(common + ["--output_dir", damaged, "--resume", "auto"])
+    message = str(err.value)
+    assert "no checkpoint" in message and all(f"step_{s:07d}: FileNotFoundError" in message for s in (1, 2, 3))
+
+
 @pytest.mark.parametrize("batch,accumulation", [(2, 2), (1, 4)])
 def test_gradient_accumulation_equals_one_big_batch(base_args, tmp_path, batch, accumulation):
     common = base_args + ["--max_steps", "3", "--eval_datasets", "[]", "--lr_scheduler_type", "constant",
