@@ -10,8 +10,10 @@ Frames come from video.py (sampling, exact decoding, scaling, the cache).
 
 import json
 import math
+import multiprocessing
 import os
 import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -398,6 +400,32 @@ def ignore_ctrl_c(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def exit_with_trainer():
+    """In a DataLoader worker: exit as soon as the trainer is gone, however it went (SIGKILL, the OOM
+    killer). PyTorch's own check, `os.getppid()` changing, never fires under a forkserver: a worker's
+    parent is the forkserver, which exits only on EOF of its "alive" pipe, and every worker holds that
+    pipe's write end. So a killed trainer left the forkserver, its workers and the resource tracker
+    (whose pipe the workers hold too) waiting on each other forever. multiprocessing gives each child
+    a sentinel of the process that started it: a pipe whose write end only the trainer holds, at EOF
+    once it is gone, whatever the start method. A thread blocked on it costs nothing and misses
+    nothing: a trainer that died before this ran has left the EOF there already. With the workers
+    gone the forkserver and the resource tracker see their EOFs and exit (1-3 s); a forkserver still
+    importing its preload modules when the trainer died exits once they are imported (~5 s)."""
+    trainer = multiprocessing.parent_process()
+    if trainer is not None:
+        threading.Thread(target=_exit_after, args=(trainer,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_after(process):
+    process.join()  # returns on the sentinel's EOF
+    os._exit(1)  # nobody is left to take a batch, so nothing to clean up
+
+
+def init_worker(worker_id):
+    ignore_ctrl_c(worker_id)
+    exit_with_trainer()
+
+
 def make_loader(dataset, batches, collate, num_workers, seed):
     """Workers start from a forkserver, not a fork of the training process: forking a process that
     runs threads (TensorBoard's writer, FFmpeg's, OpenMP's) can copy a held lock into the child and
@@ -409,7 +437,7 @@ def make_loader(dataset, batches, collate, num_workers, seed):
         context.set_forkserver_preload(["torch", "transformers", "data"])  # imported once, in the server
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
                                        multiprocessing_context=context, persistent_workers=num_workers > 0,
-                                       worker_init_fn=ignore_ctrl_c if num_workers else None,
+                                       worker_init_fn=init_worker if num_workers else None,
                                        generator=torch.Generator().manual_seed(seed),
                                        prefetch_factor=4 if num_workers else None)
 

@@ -21,34 +21,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rss_mb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def descendants(pid):
-    """Every process whose parent chain leads to pid."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, p in parent.items() if p in frontier} - found
-        found |= frontier
-    return found
+sys.path.insert(0, ROOT)
+from bench.proctree import ProcessTree, rss_mb  # noqa: E402
 
 
 def current_epoch(metrics):
@@ -62,8 +36,10 @@ def current_epoch(metrics):
 
 
 def sample(proc, metrics, samples, interval):
+    tree = ProcessTree(proc.pid)
     while proc.poll() is None:
-        others = descendants(proc.pid)
+        tree.scan()
+        others = tree.alive()
         samples.append((current_epoch(metrics), rss_mb(proc.pid), sum(rss_mb(p) for p in others), len(others)))
         time.sleep(interval)
 
