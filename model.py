@@ -379,6 +379,8 @@ def checkpoint_problem(directory):
             with safe_open(os.path.join(directory, name), "pt"):
                 pass
         for name in ["optimizer.pt"] + [n for n in os.listdir(directory) if n.startswith("rng_rank")]:
+            if not os.path.isfile(os.path.join(directory, name)):
+                return f"{name} is missing"
             if not zipfile.is_zipfile(os.path.join(directory, name)):  # torch.save writes zip archives
                 return f"{name} is not a torch.save archive (damaged, or not written by actcls)"
             torch.load(os.path.join(directory, name), weights_only=True, mmap=True)
