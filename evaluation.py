@@ -9,6 +9,7 @@ Views: eval_num_clips temporal views (clip c of C takes the frame at (c + 0.5) /
 times eval_num_crops spatial views (1: the whole frame; 3: start/centre/end squares).
 """
 
+import io
 import json
 import math
 import os
@@ -71,9 +72,7 @@ def view_probabilities(model, loader, num_views, autocast, device):
     model.eval()
     out, skipped = {}, set()
     for batch in loader:
-        with autocast:
-            logits = model(batch["label_space"], **{k: v.to(device) for k, v in batch["inputs"].items()}).float()
-        probs = logits.softmax(-1).cpu().double() / num_views
+        probs = batch_probabilities(model, batch, num_views, autocast, device)
         for row, index in enumerate(batch["index"].tolist()):
             total = out[index][0] + probs[row] if index in out else probs[row]
             label = batch["labels"][row].item()
@@ -81,6 +80,15 @@ def view_probabilities(model, loader, num_views, autocast, device):
         skipped.update(batch["skipped"])
     model.train(was_training)
     return out, sorted(skipped)
+
+
+@torch.no_grad()
+def batch_probabilities(model, batch, num_views, autocast, device):
+    """One batch's softmax probabilities divided by the view count (a view's share of the average),
+    float64 on the CPU: (B, num_classes)."""
+    with autocast:
+        logits = model(batch["label_space"], **{k: v.to(device) for k, v in batch["inputs"].items()}).float()
+    return logits.softmax(-1).cpu().double() / num_views
 
 
 def evaluate(model, loader, mix, cfg, device):
@@ -121,39 +129,75 @@ def summarize(space, loss_sum, top5_hits, confusion):
 # ---------------------------------------------------------------------------------------------------
 # The evaluation report of `train.py --eval_only`: eval.json, predictions.jsonl, confusion PNGs
 
-def confusion_image(confusion, names):
-    """The confusion matrix as an RGB array: rows = true class, columns = predicted (same order),
-    normalised per row, classes sorted by accuracy (worst first, so the problems sit together at
-    the top), each row labelled "position name accuracy", columns numbered by the same positions every
-    10, and a colour scale.
-    The shade is the square root of the rate, so a rare confusion (0.02) still shows. Rows are 12 px:
-    174 classes make a tall image, but every label stays legible."""
-    from PIL import Image, ImageDraw
+CONFUSION_NAMED_COLUMNS = 40  # up to this many classes the columns carry names too; beyond, their row positions
+
+
+def confusion_figure(confusion, names):
+    """The confusion matrix as a matplotlib Figure (the Agg canvas, no pyplot state): rows = true
+    class, columns = predicted (same order), normalised per row, classes sorted by accuracy (worst
+    first, so the problems sit together at the top). Class names label the rows, and the columns
+    too up to CONFUSION_NAMED_COLUMNS classes (beyond that, column ticks give the row position every
+    10: at 101 or 174 classes rotated names would not fit). Beside it, the per-class accuracy as bars
+    with their values on the same rows, and a colour bar. The colour is the square root of the
+    rate, so a rare confusion (0.02) still shows. Rows are 0.14 in (14 px at 100 dpi) at least,
+    taller than the 6.5 pt labels, so 174 names stay legible; the figure grows with the classes."""
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
 
     rates = (confusion / confusion.sum(1, keepdim=True).clamp(min=1)).numpy()
     order = np.argsort(np.diag(rates), kind="stable")
     rates = rates[order][:, order]
-    n, cell, top = len(order), 12, 40
-    labels = [f"{r:>3} {names[i][:40]}  {rates[r, r]:.2f}" for r, i in enumerate(order)]  # r: its column too
-    title = "true class (rows, sorted by accuracy, worst first) vs predicted class (columns, same order)"
-    margin = 8 + 6 * max(len(t) for t in labels)
-    width = max(margin + n * cell + 90, 8 + 6 * len(title))
-    image = Image.new("RGB", (width, top + max(n * cell, 11 * 24) + 20), "white")  # the scale fits too
-    heat = (255 * (1 - np.sqrt(rates))).astype(np.uint8)  # white (0) .. blue (1)
-    block = np.stack([heat, heat, np.full_like(heat, 255)], -1).repeat(cell, 0).repeat(cell, 1)
-    image.paste(Image.fromarray(block, "RGB"), (margin, top))
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 8), title, fill="black")
-    for r, text in enumerate(labels):
-        draw.text((4, top + r * cell + 1), text, fill="black")
-    for c in range(0, n, 10):  # column positions, to read a confusion off a row
-        draw.text((margin + c * cell, top - 12), str(c), fill="black")
-    for k in range(11):  # colour scale, in the same square-root shading
-        y, rate = top + k * 24, 1 - k / 10
-        shade = int(255 * (1 - np.sqrt(rate)))
-        draw.rectangle([margin + n * cell + 10, y, margin + n * cell + 30, y + 22], fill=(shade, shade, 255))
-        draw.text((margin + n * cell + 35, y + 6), f"{rate:.1f}", fill="black")
-    return np.asarray(image)
+    accuracy = np.diag(rates)
+    n, named_columns = len(order), len(order) <= CONFUSION_NAMED_COLUMNS
+    cell = min(0.6, max(0.14, 4.0 / n))  # inches per row and column
+    fontsize = 8 if named_columns else 6.5
+    side, gap, bar_width, bar_scale = n * cell, 0.2, 1.6, 0.18
+    width = side + gap + bar_width + 4 * gap + bar_scale
+    fig = Figure(figsize=(width, side), dpi=100)
+    matrix = fig.add_axes((0, 0, side / width, 1), label="confusion")
+    bars = fig.add_axes(((side + gap) / width, 0, bar_width / width, 1), sharey=matrix, label="accuracy")
+    scale_height = min(side, 4.0)
+    colour = fig.add_axes(((width - bar_scale) / width, 1 - scale_height / side, bar_scale / width, scale_height / side),
+                          label="colour bar")
+    image = matrix.imshow(rates, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    rows = [names[i][:45] if named_columns else f"{names[i][:45]}  {r:>3}" for r, i in enumerate(order)]
+    matrix.set_yticks(range(n), rows, fontsize=fontsize)
+    if named_columns:
+        matrix.set_xticks(range(n), [names[i][:45] for i in order], rotation=90, fontsize=fontsize)
+        matrix.set_xlabel("predicted class", fontsize=10)
+    else:
+        matrix.set_xticks(range(0, n, 10), [str(c) for c in range(0, n, 10)], fontsize=fontsize)
+        matrix.set_xlabel("predicted class (its row's position, the number after each name)", fontsize=10)
+    matrix.set_ylabel("true class (sorted by accuracy, worst first)", fontsize=10)
+    if n <= 15:  # room for the rates themselves
+        for (r, c), rate in np.ndenumerate(rates):
+            if rate > 0:
+                matrix.text(c, r, f"{rate:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if rate > 0.5 else "black")
+    bars.barh(range(n), accuracy, height=0.7, color="tab:blue")
+    for r, a in enumerate(accuracy):
+        bars.text(min(a, 1.0) + 0.03, r, f"{a:.2f}", va="center", fontsize=fontsize)
+    bars.set_xlim(0, 1.35)
+    bars.set_xticks([0, 0.5, 1])
+    bars.tick_params(labelleft=False, left=False)
+    bars.set_xlabel("per-class accuracy", fontsize=10)
+    for edge in ("top", "right"):
+        bars.spines[edge].set_visible(False)
+    fig.colorbar(image, cax=colour, ticks=[0, 0.02, 0.1, 0.25, 0.5, 1]).set_label(
+        "fraction of the row's videos (sqrt scale)", fontsize=9)
+    matrix.set_title(f"confusion matrix, {n} classes (rows: true, columns: predicted)", fontsize=11, loc="left")
+    return fig
+
+
+def confusion_image(confusion, names):
+    """confusion_figure as an RGB uint8 array (HWC, for the PNG and TensorBoard), cropped to what
+    it draws plus a white margin, so nothing is cut off."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    confusion_figure(confusion, names).savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15,
+                                               facecolor="white")
+    return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 def prediction_rows(probs, samples):

@@ -119,15 +119,16 @@ def apply_finetuning(vlm, cfg):
 
 
 class ActionClassifier(nn.Module):
-    def __init__(self, vlm, act_token_id, heads):
+    def __init__(self, vlm, act_token_id, heads, act_row=None):
+        """act_row: the trained <ACT> row (an export's table holds it); by default a new token starts
+        from the mean of the existing vocabulary rows (as LLaMA-Factory does for added tokens)."""
         super().__init__()
         self.vlm = vlm
         self.act_token_id = act_token_id
         self.heads = nn.ModuleDict(heads)
-        # New token: start from the mean of the existing vocabulary rows (as LLaMA-Factory does for
-        # added tokens), in fp32 because it trains.
         table = self.backbone.get_input_embeddings().weight
-        self.act_embedding = nn.Parameter(table[:act_token_id].float().mean(0).detach().clone())
+        start = table[:act_token_id].mean(0) if act_row is None else act_row
+        self.act_embedding = nn.Parameter(start.float().detach().clone())  # fp32: it trains
 
     @property
     def backbone(self):
@@ -168,6 +169,38 @@ def build_classifier(cfg, head_sizes):
             raise ConfigError(f"action_decoder_path {cfg.action_decoder_path} has "
                               f"{heads[space].config['num_classes']} classes, the config says {num_classes}")
     return processor, ActionClassifier(vlm, act_token_id, heads)
+
+
+def merged_backbone(model):
+    """The classifier's VLM as a plain Hugging Face model that computes the same <ACT> hidden state:
+    LoRA/DoRA merged into the base weights (peft's merge_and_unload, which also puts trained
+    `additional_target` copies in place), and the trained <ACT> row written into the input
+    embedding table, so no separate `act_embedding` is needed. Returns (vlm, tied): with tied
+    embeddings (`lm_head` shares the table, as in Qwen2.5-VL-3B) the LM head's <ACT> row changes too;
+    the classifier never runs lm_head, and a text generation can only ever see it as the logit of
+    emitting <ACT>. Consumes `model` (the merge happens in place)."""
+    vlm = model.vlm.merge_and_unload() if hasattr(model.vlm, "merge_and_unload") else model.vlm
+    table = vlm.get_input_embeddings().weight
+    output = vlm.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == table.data_ptr()
+    with torch.no_grad():
+        table[model.act_token_id] = model.act_embedding.to(table.dtype)
+    return vlm, tied
+
+
+def load_exported(directory, act_token_id, spaces, dtype, attn_implementation="sdpa"):
+    """An export.py folder -> ActionClassifier: the backbone through plain `from_pretrained` (no
+    peft, no base model needed), the <ACT> row read back from its embedding table, the heads from
+    heads/<label_space>/."""
+    from transformers import AutoModelForImageTextToText
+
+    vlm = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation)
+    heads = {space: ActionDecoder.from_pretrained(os.path.join(directory, "heads", space)) for space in spaces}
+    table = vlm.get_input_embeddings().weight
+    if act_token_id >= table.shape[0]:
+        raise CheckpointError(f"{directory}: <ACT> is token {act_token_id}, but the embedding table has "
+                              f"{table.shape[0]} rows")
+    return ActionClassifier(vlm, act_token_id, heads, act_row=table[act_token_id])
 
 
 def pretrained_head(directory):

@@ -61,7 +61,7 @@ def test_eval_only_with_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_model_d
 
 def test_predict_with_a_folder_that_is_not_a_checkpoint(tmp_path, synthetic_dir):
     code, output = run("predict.py", "--checkpoint", tmp_path, os.path.join(synthetic_dir, "videos"))
-    assert_user_error(code, output, f"{tmp_path}: not a checkpoint folder (no config.yaml)")
+    assert_user_error(code, output, f"{tmp_path}: neither a checkpoint folder")
 
 
 def test_predict_on_a_video_that_does_not_exist(checkpoint, tmp_path):

@@ -16,11 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
 import evaluation
 import predict
 import train
 import video
+from inference import VideoClassifier
 from prepare.synthetic import CLASSES, make_clip, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,10 +115,11 @@ def best_eval(tiny_model_dir, synthetic_dir, evalset, trained, tmp_path_factory)
 @pytest.fixture(scope="module")
 def reference(trained):
     """The best checkpoint's model, loaded on its own; probs(samples, view) runs it clip by clip."""
-    cfg, processor, model, _ = predict.load_classifier(os.path.join(trained, "checkpoints", "best"), torch.device("cpu"))
+    clf = VideoClassifier.from_pretrained(os.path.join(trained, "checkpoints", "best"), "cpu")
+    cfg = config.saved_config(os.path.join(trained, "checkpoints", "best", "config.yaml"))
     settings = video.VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
                                   cfg.video_max_pixels)
-    collate = data.Collator(processor, model.act_token_id)
+    model, collate = clf.model, data.Collator(clf.processor, clf.model.act_token_id)
 
     @torch.no_grad()
     def probs(samples, view):
@@ -200,24 +203,41 @@ def test_eval_only_writes_consistent_eval_json_predictions_and_png(best_eval, ev
 
 
 def test_confusion_png_is_readable_at_6_101_and_174_classes():
-    """One labelled row per class: a row must be at least one line of the label font tall, or the
-    names print over each other (UCF101: 101 classes, SSv2: 174); so the image grows with the class
-    count. Nothing (title, labels, scale) may run off the image: its outer 2 pixels stay white."""
-    from PIL import ImageDraw
-
-    font = ImageDraw.Draw(Image.new("RGB", (8, 8))).getfont()  # the font confusion_image's labels use
-    top, bottom = font.getbbox("Ag[]")[1::2]
-    text_height = bottom - top
+    """One labelled row per class, and labels that do not print over each other (UCF101: 101 classes,
+    SSv2: 174), so the figure grows with the class count; rows sorted worst first; axes labelled,
+    a colour bar, the per-class accuracy beside each row; names on the columns too where they fit.
+    Nothing (title, labels, scale) may run off the image: its outer 2 pixels stay white."""
     ucf101 = [row.split()[1] for row in open(os.path.join(ROOT, "tests", "data", "ucf101_classInd.txt")) if row.strip()]
     ssv2 = [f"Putting [something] next to [something] {i}" for i in range(174)]
     heights, problems = {}, []
     for n, names in [(6, CLASSES), (101, ucf101), (174, ssv2)]:
-        image = confusion_image(torch.rand(n, n, generator=torch.Generator().manual_seed(n)), names)
+        confusion = torch.rand(n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        accuracy = (confusion.diag() / confusion.sum(1)).numpy()
+        worst_first = np.argsort(accuracy, kind="stable")
+        fig = evaluation.confusion_figure(confusion, names)
+        fig.canvas.draw()
+        axes = {ax.get_label(): ax for ax in fig.axes}
+        assert set(axes) == {"confusion", "accuracy", "colour bar"}, set(axes)
+        matrix = axes["confusion"]
+        assert "true" in matrix.get_ylabel() and "predicted" in matrix.get_xlabel()
+        assert axes["colour bar"].get_ylabel(), "the colour bar says what the colour means"
+        rows = [t for t in matrix.get_yticklabels() if t.get_text()]
+        assert [t.get_text().split("  ")[0] for t in rows] == [names[i][:45] for i in worst_first]
+        values = [float(t.get_text()) for t in axes["accuracy"].texts]
+        assert values == pytest.approx(accuracy[worst_first], abs=0.005)
+        boxes = sorted((t.get_window_extent() for t in rows), key=lambda b: b.y0)
+        overlaps = sum(a.y1 > b.y0 + 0.5 for a, b in zip(boxes, boxes[1:]))
+        if overlaps:
+            problems.append(f"{n} classes: {overlaps} row labels overlap the next one")
+        columns = [t for t in matrix.get_xticklabels() if t.get_text()]
+        if n <= evaluation.CONFUSION_NAMED_COLUMNS:
+            assert [t.get_text() for t in columns] == [names[i][:45] for i in worst_first]
+            boxes = sorted((t.get_window_extent() for t in columns), key=lambda b: b.x0)
+            if any(a.x1 > b.x0 + 0.5 for a, b in zip(boxes, boxes[1:])):
+                problems.append(f"{n} classes: column labels overlap")
+        image = confusion_image(confusion, names)
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         heights[n] = image.shape[0]
-        if image.shape[0] < n * text_height:
-            problems.append(f"{n} classes in a {image.shape[0]} px tall image: rows are shorter than the "
-                            f"{text_height} px labels, which overlap")
         border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
                                  image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)])
         if border.min() < 250:

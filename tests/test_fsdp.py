@@ -10,11 +10,11 @@ import shutil
 import pytest
 import torch
 
-import predict
+from inference import VideoClassifier
 from data import Collator, VideoDataset, load_samples
 from model import build_classifier
 from test_resume import ROOT, assert_same_training, torchrun, train_losses
-from config import head_sizes
+from config import head_sizes, saved_config
 from video import VideoSettings
 
 
@@ -52,8 +52,9 @@ def test_fsdp_checkpoint_loads_into_a_plain_model(runs, synthetic_dir):
     _, dirs = runs
     logits = {}
     for mode, out in dirs.items():  # predict.py's loader: a fresh, unsharded model + load_weights
-        cfg, processor, model, _ = predict.load_classifier(os.path.join(out, "checkpoints", "step_0000004"),
-                                                           torch.device("cpu"))
+        clf = VideoClassifier.from_pretrained(os.path.join(out, "checkpoints", "step_0000004"), "cpu")
+        processor, model = clf.processor, clf.model
+        cfg = saved_config(os.path.join(out, "checkpoints", "step_0000004", "config.yaml"))
         assert cfg.fsdp == (mode == "fsdp")
         samples, _ = load_samples(os.path.join(synthetic_dir, "val.jsonl"), None, 6)
         settings = VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,

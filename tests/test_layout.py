@@ -9,9 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A module may import only modules of a lower layer. `prepare` (the converters' package) sits with the
-# scripts' inputs: only the top layer uses it (predict.py takes the default prompt from prepare.records).
-LAYERS = {"video": 0, "decoder": 0, "config": 1, "model": 2, "data": 3, "evaluation": 4,
-          "train": 5, "predict": 5, "prepare": 4.5}
+# scripts' inputs: only inference.py (the default prompt, from prepare.records) and the top layer use it.
+LAYERS = {"video": 0, "decoder": 0, "config": 1, "model": 2, "data": 3, "evaluation": 4, "prepare": 4.5,
+          "inference": 4.7, "train": 5, "predict": 5, "export": 5}
 
 
 def project_imports(path):

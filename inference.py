@@ -1,0 +1,193 @@
+"""A trained classifier, loaded from a checkpoint folder or an export.py folder, classifying videos.
+
+    from inference import VideoClassifier
+    clf = VideoClassifier.from_pretrained("exports/ucf101")   # or runs/ucf101/checkpoints/best
+    clf.predict(["a.mp4", "b.avi"], top_k=5)   # [{"video": "a.mp4", "top": [("Basketball", 0.91), ...]}, ...]
+
+Both kinds of folder give the same object: the model, its processor, the class names of every head,
+and how it samples a video (the video settings, the evaluation views, the prompt). Videos are
+sampled exactly as evaluation samples them. `stream` is the batch path predict.py runs: DataLoader
+workers decode (data.make_loader) while the model runs, results come back in input order as they
+finish. An export's `actcls.json` (written by export.py from `manifest`) holds everything that is
+not Hugging Face's own format.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from config import ConfigError, head_sizes, saved_config, video_settings
+from data import Collator, DataError, Sample, VideoDataset, load_samples, make_loader
+from evaluation import batch_probabilities, class_names, eval_views
+from model import ACT_TOKEN, CheckpointError, build_classifier, load_exported, load_processor, load_weights
+from prepare.records import DEFAULT_MESSAGES
+from video import VideoSettings
+
+EXPORT_FILE = "actcls.json"  # marks an export folder; its schema: VideoClassifier.manifest
+EXPORT_FORMAT = 1
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass
+class VideoClassifier:
+    model: torch.nn.Module  # model.ActionClassifier, in eval mode, on `device`
+    processor: object
+    classes: dict  # label_space -> class names (every head)
+    settings: VideoSettings  # frame sampling and pixel budget, as in training
+    views: list  # evaluation views: (clip, num_clips, crop, num_crops)
+    prompt: list  # sharegpt messages with <video> and <ACT>, for videos given without a record
+    bf16_autocast: bool  # a checkpoint trained with bf16 evaluates under autocast, as train.py does
+    device: torch.device
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, fp32=False):
+        """An export.py folder or a checkpoints/step_NNNNNNN (or best) folder. `fp32`: load a
+        checkpoint's base in fp32 even when it trained in bf16 (export.py merges adapters there)."""
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if os.path.isfile(os.path.join(path, EXPORT_FILE)):
+            return cls.from_export(path, device)
+        if os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return cls.from_checkpoint(path, device, fp32)
+        raise CheckpointError(f"{path}: neither a checkpoint folder (config.yaml, trainer_state.json) nor an "
+                              f"export ({EXPORT_FILE}); pass runs/NAME/checkpoints/step_NNNNNNN (or best), or "
+                              f"a folder export.py wrote")
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, device, fp32=False):
+        """Rebuilds the model from the checkpoint's own config (its base model must be where
+        model_name_or_path says) and loads its weights and class names."""
+        cfg = saved_config(os.path.join(checkpoint, "config.yaml"))
+        cfg.gradient_checkpointing, cfg.action_decoder_path = False, None  # inference; the weights come from here
+        if fp32:
+            cfg.bf16 = False
+        processor, model = build_classifier(cfg, head_sizes(cfg))
+        load_weights(model, checkpoint)
+        saved = read_classes(os.path.join(checkpoint, "classes.json"))
+        classes = {}
+        for space, head in model.heads.items():
+            classes[space] = class_names(saved, space, head.config["num_classes"])
+            if len(classes[space]) != head.config["num_classes"]:
+                raise CheckpointError(f"{checkpoint}/classes.json: {len(classes[space])} class names for label space "
+                                      f"{space!r}, but its head has {head.config['num_classes']} outputs")
+        return cls(model.to(device).eval(), processor, classes, video_settings(cfg), eval_views(cfg), DEFAULT_MESSAGES,
+                   cfg.bf16, device)
+
+    @classmethod
+    def from_export(cls, directory, device):
+        """Needs nothing outside `directory`: the merged backbone loads through plain from_pretrained."""
+        manifest = read_json(os.path.join(directory, EXPORT_FILE), CheckpointError)
+        if manifest.get("format") != EXPORT_FORMAT:
+            raise CheckpointError(f"{directory}/{EXPORT_FILE}: export format {manifest.get('format')!r}, this "
+                                  f"version reads {EXPORT_FORMAT}")
+        processor, act_token_id = load_processor(directory)
+        if act_token_id != manifest["act_token_id"]:
+            raise CheckpointError(f"{directory}: the tokenizer gives {ACT_TOKEN} id {act_token_id}, the export was "
+                                  f"made with {manifest['act_token_id']}")
+        spaces = list(manifest["heads"])
+        model = load_exported(directory, act_token_id, spaces, DTYPES[manifest["dtype"]])
+        classes = {space: read_json(os.path.join(directory, "heads", space, "classes.json"), CheckpointError)
+                   for space in spaces}
+        views = [tuple(v) for v in manifest["views"]]
+        return cls(model.to(device).eval(), processor, classes, VideoSettings(**manifest["video"]), views,
+                   manifest["prompt"], False, device)
+
+    def manifest(self, dtype, source):
+        """What export.py writes to actcls.json: everything from_export needs besides the HF files."""
+        video = {**dataclasses.asdict(self.settings), "video_cache_dir": None}  # a path of the training machine
+        return {"format": EXPORT_FORMAT, "act_token": ACT_TOKEN, "act_token_id": self.model.act_token_id,
+                "dtype": dtype, "heads": {space: len(names) for space, names in self.classes.items()},
+                "video": video, "views": [list(v) for v in self.views], "prompt": self.prompt, "source": source}
+
+    def label_space(self, name=None):
+        """`name`, or the only head / "default"."""
+        heads = self.model.heads
+        space = name if name is not None else ("default" if "default" in heads else next(iter(heads)))
+        if space not in heads:
+            raise ConfigError(f"label space {space!r}: this classifier has heads {list(heads)}")
+        return space
+
+    def samples(self, inputs, label_space=None):
+        """Video files, folders of videos (sorted by name) or .jsonl/.json record files (their own
+        prompts; labels optional) -> data.Sample list."""
+        space = self.label_space(label_space)
+        samples = []
+        for path in inputs:
+            if path.endswith((".jsonl", ".json")):
+                found, bad = load_samples(path, None, len(self.classes[space]), space, require_label=False)
+                samples += found
+                if bad:
+                    print(f"skipping {len(bad)} record(s) whose video is missing or empty:\n" + "\n".join(bad),
+                          file=sys.stderr)
+            elif os.path.isdir(path):
+                samples += [Sample(os.path.join(path, name), self.prompt, None, space, name)
+                            for name in sorted(os.listdir(path)) if name.lower().endswith(VIDEO_EXTENSIONS)]
+            elif os.path.isfile(path):
+                samples.append(Sample(os.path.abspath(path), self.prompt, None, space, path))
+            else:
+                raise DataError(f"{path}: no such file or folder")
+        if not samples:
+            raise DataError(f"no videos found in {inputs}")
+        return samples
+
+    def stream(self, samples, top_k=5, batch_size=8, num_workers=0):
+        """Yields (sample, [(class index, probability), ...] or None, error or None) for every sample,
+        in order, as soon as all its views are through the model. An unreadable video yields None
+        and the reason; the rest go on. One label space per call (one head)."""
+        views, n = self.views, len(samples)
+        plan = [[(i, 0, False, view) for i in range(start, min(start + batch_size, n))]
+                for start in range(0, n, batch_size) for view in views]
+        collate = Collator(self.processor, self.model.act_token_id)
+        loader = make_loader(VideoDataset(samples, self.settings), plan, collate, num_workers, seed=0)
+        context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16_autocast else nullcontext()
+        totals, seen, unreadable, messages, done = {}, {}, set(), [], 0
+        for batch in loader:
+            probs = batch_probabilities(self.model, batch, len(views), context, self.device)
+            messages += batch["skipped"]
+            for row, (index, valid) in enumerate(zip(batch["index"].tolist(), batch["valid"].tolist())):
+                totals[index] = totals[index] + probs[row] if index in totals else probs[row]
+                seen[index] = seen.get(index, 0) + 1
+                if not valid:  # another video stood in for it: its probabilities are not this video's
+                    unreadable.add(index)
+            while done < n and seen.get(done) == len(views):  # emit in input order
+                p, sample = totals.pop(done), samples[done]
+                if done in unreadable:
+                    why = [m for m in messages if m.startswith(sample.source + ": ")]
+                    yield sample, None, why[0] if why else f"{sample.source}: unreadable video"
+                else:
+                    top = p.topk(min(top_k, len(p)))
+                    yield sample, list(zip(top.indices.tolist(), top.values.tolist())), None
+                done += 1
+
+    def predict(self, videos, top_k=5, label_space=None, batch_size=8, num_workers=0):
+        """[{"video", "top": [(class name, probability), ...]}] in the order given, or
+        {"video", "error"} for a video that cannot be read."""
+        space = self.label_space(label_space)
+        names = self.classes[space]
+        results = []
+        for sample, top, error in self.stream(self.samples(videos, space), top_k, batch_size, num_workers):
+            results.append({"video": sample.video, "error": error} if top is None else
+                           {"video": sample.video, "top": [(names[c], p) for c, p in top]})
+        return results
+
+
+def read_json(path, error):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: cannot read it ({e})") from None
+
+
+def read_classes(path):
+    """A checkpoint's classes.json: {label_space: [names]}; absent means class indices as names."""
+    if not os.path.exists(path):
+        return {}
+    classes = read_json(path, CheckpointError)
+    if not isinstance(classes, dict):
+        raise CheckpointError(f"{path}: expected {{label_space: [class names]}}, got a {type(classes).__name__}")
+    return classes
