@@ -46,8 +46,8 @@ def main(argv=None):
         classify(args)
     except USER_ERRORS as e:
         raise SystemExit(str(e)) from None
-    except OSError as e:  # --out cannot be written
-        raise SystemExit(f"{args.out}: {e.strerror or e}") from None
+    except OSError as e:  # --out cannot be written, or a file the checkpoint needs (its base model) is missing
+        raise SystemExit(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
     except KeyboardInterrupt:
         kept = f"; the videos done are in {args.out}: the same command continues" if args.out else ""
         raise SystemExit(f"interrupted{kept}") from None
