@@ -19,9 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import ACT_TOKEN
+from config import ConfigError
+from model import ACT_TOKEN, CheckpointError
 from video import SINGLE_VIEW, DataError, frame_size, load_sampled, num_frames_to_sample, probe_video
 from video import decode_frames  # noqa: F401  (data.decode_frames: the interface DESIGN.md names)
+
+# A user's mistake in a config, a dataset or a checkpoint: the scripts' main turns these into one message
+# and exit code 1, without a traceback (tracebacks are for bugs).
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 VIDEO_TOKEN = "<video>"
 

@@ -25,11 +25,10 @@ import sys
 import tempfile
 
 from config import ConfigError
-from data import DataError
+from data import USER_ERRORS
 from inference import DTYPES, EXPORT_FILE, VideoClassifier
 from model import CheckpointError, merged_backbone
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)  # one message and exit code 1, no traceback
 SHARD_SIZE = "2GB"
 
 

@@ -22,12 +22,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from config import ConfigError
-from data import DataError
+from data import USER_ERRORS
 from inference import VideoClassifier
-from model import CheckpointError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)  # one message and exit code 1, no traceback
 
 
 def main(argv=None):

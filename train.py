@@ -29,14 +29,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from config import Config, ConfigError, head_sizes, parse_config, video_settings, write_config
-from data import Collator, DataError, DatasetMix, StepLayout, batch_stream, load_datasets, steps_per_epoch
+from data import USER_ERRORS, Collator, DatasetMix, StepLayout, batch_stream, load_datasets, steps_per_epoch
 from evaluation import (all_reduce_sums, autocast, check_even_eval_batches, class_names, confusion_image,
                         eval_loader, evaluate, prediction_rows, write_eval_outputs)
 from model import (CheckpointError, build_classifier, build_optimizer, checkpoint_problem, gather_training_state,
                    load_checkpoint, load_optimizer_state, load_weights, shard_fsdp, write_checkpoint_files)
 
-# A user's mistake in the config, the data or a checkpoint: one message and exit code 1, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def main(argv=None):
