@@ -227,9 +227,10 @@ def head_sizes(cfg):
     return sizes
 
 
-def video_settings(cfg):
+def video_settings(cfg, geometry):
+    """geometry: the model family's {resize_factor, temporal_patch_size} (model.vision_geometry)."""
     return VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,
-                         cfg.video_max_pixels, cfg.video_cache_dir)
+                         cfg.video_max_pixels, cfg.video_cache_dir, **geometry)
 
 
 def write_config(cfg, path):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from config import ConfigError
-from model import ACT_TOKEN, CheckpointError
-from video import SINGLE_VIEW, DataError, frame_size, load_sampled, num_frames_to_sample, probe_video
+from model import ACT_TOKEN, CheckpointError, vision_geometry
+from video import SINGLE_VIEW, DataError, VideoInfo, frame_size, load_sampled, num_frames_to_sample, probe_video
 from video import decode_frames  # noqa: F401  (data.decode_frames: the interface DESIGN.md names)
 
 # A user's mistake in a config, a dataset or a checkpoint: the scripts' main turns these into one message
@@ -238,13 +238,12 @@ class Collator:
             raise DataError(f"{bad}: the tokenized prompt must hold exactly one <ACT> token; check that the "
                             f"records' text has no other {ACT_TOKEN} and the chat template keeps it")
         labels = [it["sample"].label if it["valid"] else None for it in items]
+        # Every tensor the family's processor returns goes to its forward: input_ids, attention_mask,
+        # pixel_values_videos, video_grid_thw, mm_token_type_ids (M-RoPE), and Qwen2.5-VL's
+        # second_per_grid_ts; Qwen3-VL puts the frame times into the text instead.
+        inputs = {key: value for key, value in batch.items() if torch.is_tensor(value)}
         return {
-            "inputs": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                       "mm_token_type_ids": batch["mm_token_type_ids"],
-                       "pixel_values_videos": batch["pixel_values_videos"],
-                       "video_grid_thw": batch["video_grid_thw"],
-                       "second_per_grid_ts": batch["second_per_grid_ts"],
-                       "act_index": is_act.int().argmax(1)},
+            "inputs": {**inputs, "act_index": is_act.int().argmax(1)},
             "labels": torch.tensor([-100 if label is None else label for label in labels]),
             "label_space": spaces.pop(),
             "index": torch.tensor([it["index"] for it in items]),
@@ -254,19 +253,38 @@ class Collator:
         }
 
 
-def sample_lengths(dataset):
-    """Each sample's video token count (the <|video_pad|> tokens the processor will emit), from a probe
-    of the file, no decoding: (frames / 2) x (height / 28) x (width / 28) after Qwen2.5-VL's resize.
-    The length proxy for group_by_length; the text part is left out, since a dataset's prompts are
-    usually one template. Computed once per run (a probe is ~1 ms for AVI/MP4; WebM demuxes packets)."""
+def sample_lengths(dataset, text_per_group=0):
+    """Each sample's video token count, from a probe of the file, no decoding: per temporal patch
+    (temporal_patch_size frames), (height / factor) x (width / factor) <|video_pad|> tokens after the
+    family's resize, plus `text_per_group` (video_text_per_group: Qwen3-VL's "<1.5 seconds>" and
+    vision start/end tokens). The length proxy for group_by_length; the prompt is left out, since a
+    dataset's prompts are usually one template. Computed once per run (a probe is ~1 ms for AVI/MP4;
+    WebM demuxes packets)."""
     s = dataset.settings
     lengths = []
     for sample in dataset.samples:
         info = probe_video(sample.video)
-        n = num_frames_to_sample(info, s.video_fps, s.video_maxlen, s.video_num_frames)
-        height, width = frame_size(info, s.video_min_pixels, s.video_max_pixels)
-        lengths.append(n // 2 * (height // 28) * (width // 28))
+        n = num_frames_to_sample(info, s.video_fps, s.video_maxlen, s.video_num_frames, s.temporal_patch_size)
+        height, width = frame_size(info, *s.budget)
+        groups = n // s.temporal_patch_size
+        lengths.append(groups * ((height // s.resize_factor) * (width // s.resize_factor) + text_per_group))
     return np.asarray(lengths, dtype=np.int64)
+
+
+def video_text_per_group(processor, act_token_id):
+    """Text tokens the processor writes per temporal patch of a video besides its <|video_pad|>
+    tokens (0 for Qwen2.5-VL; Qwen3-VL writes "<t seconds>" and vision start/end each time). Measured
+    on the processor itself: a blank clip of two temporal patches minus one of one patch."""
+    geometry = vision_geometry(processor)
+    side, step = geometry["resize_factor"], geometry["temporal_patch_size"]
+    lengths = []
+    for frames in (step, 2 * step):
+        item = {"sample": Sample(None, [{"role": "user", "content": "<video>"},
+                                        {"role": "assistant", "content": ACT_TOKEN}], 0, "default", "probe"),
+                "frames": np.zeros((frames, side, side, 3), np.uint8), "indices": np.arange(frames),
+                "info": VideoInfo(frames, 2.0, side, side), "valid": True, "index": 0, "skipped": []}
+        lengths.append(Collator(processor, act_token_id)([item])["inputs"]["input_ids"].shape[1])
+    return lengths[1] - lengths[0] - 1  # one patch of side x side is one <|video_pad|> token
 
 
 def group_by_length(order, lengths, per_step, chunk_steps=50):
@@ -471,7 +489,9 @@ class EpochBatches:
 def batch_stream(mix, collate, cfg, layout, start):
     """Yields (epoch, position, batch) from start = (epoch, position) on, where (epoch, position) is
     where the next batch comes from: what a checkpoint records to resume mid-epoch."""
-    lengths = sample_lengths(mix.dataset) if cfg.group_by_length else None  # one probe per clip, once
+    lengths = None
+    if cfg.group_by_length:  # one probe per clip, once
+        lengths = sample_lengths(mix.dataset, video_text_per_group(collate.processor, collate.act_token_id))
     plan = EpochBatches(mix, layout, cfg.seed, start, lengths)
     epoch, position = start
     for batch in make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed):

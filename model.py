@@ -1,12 +1,20 @@
 """The VLM backbone + <ACT> token + ActionDecoder heads, as one module whose forward returns logits.
 
-    batch -> Qwen2.5-VL inner model (LoRA/DoRA) -> last hidden state at <ACT> -> ActionDecoder -> logits
+    batch -> Qwen-VL inner model (LoRA/DoRA) -> last hidden state at <ACT> -> ActionDecoder -> logits
+
+One code path for every Qwen-VL family in transformers (qwen2_vl, qwen2_5_vl, qwen3_vl,
+qwen3_vl_moe, qwen3_5, qwen3_5_moe), chosen by model_name_or_path alone. What differs is read from
+the model and its processor: the forward's extra inputs (whatever the processor returns, see
+data.Collator), the frame geometry (vision_geometry), the vocabulary (load_vlm). Module names are
+the same in all six (LM_PREFIX and the rest below).
 
 Design choices, each for a reason:
-- The forward goes through the inner `Qwen2_5_VLModel` (`vlm.model`), never the LM head: a
-  classifier needs one hidden state per sample, not 151,936-way logits at every position.
+- The forward goes through the inner model (`vlm.model`: Qwen2_5_VLModel, Qwen3VLModel, ...), never
+  the LM head: a classifier needs one hidden state per sample, not 151,936-way (Qwen3.5: 248,320)
+  logits at every position.
 - The `<ACT>` row is its own parameter (`act_embedding`), written into the embedded sequence where
-  the token sits. The 151,936-row table stays frozen, so no other row can move (no gradient masks,
+  the token sits by a forward hook on the input embedding (the model's forward itself runs from
+  input_ids, untouched). The table stays frozen, so no other row can move (no gradient masks,
   no weight decay leaking into frozen rows) and the optimizer holds one row of state, not the table.
 - Inputs arrive cut right after `<ACT>` (see data.py): with causal attention nothing after it can
   change its hidden state.
@@ -31,9 +39,13 @@ from config import ConfigError, write_config
 from decoder import ActionDecoder
 
 ACT_TOKEN = "<ACT>"
+# Module names, the same in every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE)):
 LM_PREFIX = "model.language_model."
+VISION_PREFIX = "model.visual."
 VISION_BLOCKS_PREFIX = "model.visual.blocks."
-MERGER_PREFIX = "model.visual.merger."
+# The multi-modal projector: the merger, plus Qwen3-VL's deepstack mergers, which project
+# intermediate vision features into the first language-model layers.
+PROJECTOR_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
 
 
 class CheckpointError(ValueError):
@@ -49,6 +61,14 @@ def load_processor(path, trust_remote_code=False):
     tokenizer.add_special_tokens({"extra_special_tokens": [ACT_TOKEN]}, replace_extra_special_tokens=False)
     tokenizer.padding_side = "right"  # the <ACT> position is gathered per row, so either side works
     return processor, tokenizer.convert_tokens_to_ids(ACT_TOKEN)
+
+
+def vision_geometry(processor):
+    """The family's frame geometry, from its own video processor: frame sides are multiples of
+    patch_size x merge_size (14 x 2 for Qwen2/2.5-VL, 16 x 2 for Qwen3-VL/3.5) and frame counts of
+    temporal_patch_size. Keyword arguments of video.VideoSettings (config.video_settings)."""
+    video = processor.video_processor
+    return {"resize_factor": video.patch_size * video.merge_size, "temporal_patch_size": video.temporal_patch_size}
 
 
 def load_vlm(cfg, act_token_id):
@@ -73,7 +93,7 @@ def lora_target_names(vlm, cfg):
     if not cfg.freeze_vision_tower:
         prefixes.append(VISION_BLOCKS_PREFIX)
     if not cfg.freeze_multi_modal_projector:
-        prefixes.append(MERGER_PREFIX)
+        prefixes += PROJECTOR_PREFIXES
     names = [name for name, module in vlm.named_modules()
              if isinstance(module, nn.Linear) and name.startswith(tuple(prefixes))
              and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
@@ -102,9 +122,9 @@ def apply_finetuning(vlm, cfg):
             trainable.append(LM_PREFIX + "layers.")
             trainable.append(LM_PREFIX + "norm.")
             if not cfg.freeze_vision_tower:
-                trainable.append("model.visual.")
+                trainable.append(VISION_PREFIX)
             elif not cfg.freeze_multi_modal_projector:
-                trainable.append(MERGER_PREFIX)
+                trainable += PROJECTOR_PREFIXES
         trainable += [f"model.{t}" if not t.startswith("model.") else t for t in additional_targets(cfg)]
         for name, param in vlm.named_parameters():
             if name.startswith(tuple(trainable)):
@@ -126,27 +146,31 @@ class ActionClassifier(nn.Module):
         self.vlm = vlm
         self.act_token_id = act_token_id
         self.heads = nn.ModuleDict(heads)
-        table = self.backbone.get_input_embeddings().weight
-        start = table[:act_token_id].mean(0) if act_row is None else act_row
+        embedding = self.backbone.get_input_embeddings()
+        start = embedding.weight[:act_token_id].mean(0) if act_row is None else act_row
         self.act_embedding = nn.Parameter(start.float().detach().clone())  # fp32: it trains
+        # The backbone's own forward runs unchanged from input_ids in every family (M-RoPE positions,
+        # Qwen3-VL's deepstack and placeholder masks all need input_ids, and Qwen3-VL refuses
+        # input_ids + inputs_embeds together); a forward hook on its input embedding writes the
+        # trainable <ACT> row into the embedded sequence.
+        self.act_row_hook = embedding.register_forward_hook(self.put_act_row)
 
     @property
     def backbone(self):
-        """The inner Qwen2_5_VLModel (vision tower + language model, no LM head). A property, not a
-        submodule, so its parameters are not registered twice."""
+        """The inner model (vision tower + language model, no LM head: Qwen2_5_VLModel, Qwen3VLModel,
+        ...). A property, not a submodule, so its parameters are not registered twice."""
         vlm = self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
         return vlm.model
 
-    def embed(self, input_ids):
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        is_act = (input_ids == self.act_token_id).unsqueeze(-1)
+    def put_act_row(self, embedding, args, embeds):
+        is_act = (args[0] == self.act_token_id).unsqueeze(-1)
         return torch.where(is_act, self.act_embedding.to(embeds.dtype), embeds)
 
     def act_hidden(self, input_ids, act_index, **inputs):
         """Last-layer hidden state at each row's <ACT> token: (B, hidden). `inputs`: the rest of
-        data.Collator's model inputs (attention_mask, mm_token_type_ids, pixel_values_videos,
-        video_grid_thw, second_per_grid_ts), passed to the backbone as they are."""
-        out = self.backbone(input_ids=input_ids, inputs_embeds=self.embed(input_ids), use_cache=False, **inputs)
+        data.Collator's model inputs (attention_mask, pixel_values_videos, video_grid_thw and the
+        family's own keys: mm_token_type_ids, second_per_grid_ts), passed to the backbone as they are."""
+        out = self.backbone(input_ids=input_ids, use_cache=False, **inputs)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return out.last_hidden_state[rows, act_index]
 
@@ -154,9 +178,12 @@ class ActionClassifier(nn.Module):
         return self.heads[label_space](self.act_hidden(**inputs))
 
 
-def build_classifier(cfg, head_sizes):
-    """head_sizes: {label_space: num_classes}. Returns (processor, ActionClassifier)."""
-    processor, act_token_id = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+def build_classifier(cfg, head_sizes, processor=None):
+    """head_sizes: {label_space: num_classes}; processor: load_processor's, when the caller has it
+    already. Returns (processor, ActionClassifier)."""
+    if processor is None:
+        processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+    act_token_id = processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN)
     vlm = apply_finetuning(load_vlm(cfg, act_token_id), cfg)
     hidden = vlm.config.get_text_config().hidden_size
     heads = {}
@@ -365,13 +392,34 @@ def load_optimizer_state(path, model, optimizer):
 # classes.json, trainer_state.json (with the base model's fingerprint), rng_rank*.pt
 
 def base_model_fingerprint(cfg):
-    """Which base weights a checkpoint's adapters belong to: the path and its config's hash."""
+    """Which base weights a checkpoint's adapters belong to: the path, the family (model_type:
+    qwen2_5_vl, qwen3_vl, ...) and its config's hash."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"model_name_or_path": cfg.model_name_or_path, "config_sha256": digest}
+    return {"model_name_or_path": cfg.model_name_or_path, "model_type": config.model_type, "config_sha256": digest}
+
+
+def check_base_model(directory, cfg):
+    """A checkpoint's weights only fit the base model they were trained on (its trainer_state.json
+    says which): another family is one error, another size or config of the same family another."""
+    with open(os.path.join(directory, "trainer_state.json")) as f:
+        saved_base = json.load(f).get("base_model")
+    if saved_base is None:  # written before fingerprints existed
+        return
+    base = base_model_fingerprint(cfg)
+    saved_type = saved_base.get("model_type")
+    if saved_type is not None and saved_type != base["model_type"]:
+        raise CheckpointError(f"{directory} was trained on a {saved_type} model ({saved_base['model_name_or_path']}), "
+                              f"but this config's model_name_or_path {base['model_name_or_path']} is a "
+                              f"{base['model_type']} model: a checkpoint only loads onto its own family; point "
+                              f"model_name_or_path at the checkpoint's base model")
+    if saved_base["config_sha256"] != base["config_sha256"]:
+        raise CheckpointError(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
+                              f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
+                              f"point model_name_or_path at the checkpoint's base model")
 
 
 def gather_training_state(model, optimizer, keep=True):
@@ -434,11 +482,8 @@ def load_checkpoint(directory, model, cfg):
         raise CheckpointError(f"{directory}: the checkpoint cannot be read ({problem})")
     with open(os.path.join(directory, "trainer_state.json")) as f:
         state = json.load(f)
-    saved_base, base = state.pop("base_model", None), base_model_fingerprint(cfg)
-    if saved_base is not None and saved_base["config_sha256"] != base["config_sha256"]:
-        raise CheckpointError(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
-                              f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
-                              f"point model_name_or_path at the checkpoint's base model")
+    state.pop("base_model", None)
+    check_base_model(directory, cfg)
     load_weights(model, directory)
     return state
 

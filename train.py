@@ -32,8 +32,9 @@ from config import Config, ConfigError, head_sizes, parse_config, video_settings
 from data import USER_ERRORS, Collator, DatasetMix, StepLayout, batch_stream, load_datasets, steps_per_epoch
 from evaluation import (all_reduce_sums, autocast, check_even_eval_batches, class_names, confusion_image,
                         eval_loader, evaluate, prediction_rows, write_eval_outputs)
-from model import (CheckpointError, build_classifier, build_optimizer, checkpoint_problem, gather_training_state,
-                   load_checkpoint, load_optimizer_state, load_weights, shard_fsdp, write_checkpoint_files)
+from model import (CheckpointError, build_classifier, check_base_model, build_optimizer, checkpoint_problem, gather_training_state,
+                   load_checkpoint, load_optimizer_state, load_processor, load_weights, shard_fsdp, vision_geometry,
+                   write_checkpoint_files)
 
 
 
@@ -108,8 +109,8 @@ class Run:
     state: dict  # step, epoch, position (where the next batch comes from), best_top1: what a checkpoint keeps
 
 
-def load_mix(cfg, entries):
-    mix = load_datasets(entries, head_sizes(cfg), video_settings(cfg), cfg.max_bad_video_fraction, cfg.seed,
+def load_mix(cfg, entries, geometry):
+    mix = load_datasets(entries, head_sizes(cfg), video_settings(cfg, geometry), cfg.max_bad_video_fraction, cfg.seed,
                         require_label=entries is cfg.train_datasets)
     if mix.warning is not None:
         print0(mix.warning)
@@ -118,9 +119,11 @@ def load_mix(cfg, entries):
 
 def train(cfg, rank, world, device):
     torch.manual_seed(cfg.seed + rank)
-    train_mix = load_mix(cfg, cfg.train_datasets)
-    eval_mix = load_mix(cfg, cfg.eval_datasets) if cfg.eval_datasets else None
-    processor, model = build_classifier(cfg, head_sizes(cfg))
+    processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+    geometry = vision_geometry(processor)  # the family's frame sizes: the datasets scale frames to them
+    train_mix = load_mix(cfg, cfg.train_datasets, geometry)
+    eval_mix = load_mix(cfg, cfg.eval_datasets, geometry) if cfg.eval_datasets else None
+    processor, model = build_classifier(cfg, head_sizes(cfg), processor)
     model.to(device)
     collate = Collator(processor, model.act_token_id)
     evals = eval_loader(eval_mix, collate, cfg, world, rank) if eval_mix else None
@@ -341,8 +344,11 @@ def log_train(run, window, num_skipped, elapsed):
 def run_eval_only(cfg, rank, world, device):
     """Evaluates cfg.checkpoint (weights only, no optimizer) with eval_num_clips x eval_num_crops
     views; writes eval.json, predictions.jsonl and confusion_<dataset>.png to output_dir."""
-    mix = load_mix(cfg, cfg.eval_datasets)
-    processor, model = build_classifier(cfg, head_sizes(cfg))
+    processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+    mix = load_mix(cfg, cfg.eval_datasets, vision_geometry(processor))
+    processor, model = build_classifier(cfg, head_sizes(cfg), processor)
+    if os.path.isfile(os.path.join(cfg.checkpoint, "trainer_state.json")):
+        check_base_model(cfg.checkpoint, cfg)
     load_weights(model.to(device), cfg.checkpoint)
     loader = eval_loader(mix, Collator(processor, model.act_token_id), cfg, world, rank)
     results, probs, skipped = evaluate(model, loader, mix, cfg, device)

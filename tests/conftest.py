@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Qwen2.5-VL checkpoint directory and a small generated dataset,
-both built once per test session from the same prepare/ scripts the demo uses."""
+"""Shared fixtures: tiny random checkpoint directories (Qwen2.5-VL, and one per family for the tests
+that run on every family) and a small generated dataset, built once per test session from the same
+prepare/ scripts the demo uses."""
 
 import os
 import sys
@@ -13,9 +14,21 @@ from prepare.synthetic import main as make_synthetic  # noqa: E402
 from prepare.tiny_model import write_tiny_model  # noqa: E402
 
 
+# Every Qwen-VL family the classifier supports (transformers' model_type); qwen2_5_vl is the default.
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return write_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-qwen2.5-vl"), seed=0)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_model_dir(request, tmp_path_factory):
+    """A tiny random checkpoint of each family in turn (tests that take it run once per family)."""
+    if request.param == "qwen2_5_vl":
+        return request.getfixturevalue("tiny_model_dir")
+    return write_tiny_model(str(tmp_path_factory.mktemp("model") / request.param), seed=0, family=request.param)
 
 
 @pytest.fixture(scope="session")
