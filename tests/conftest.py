@@ -11,11 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from prepare.synthetic import main as make_synthetic  # noqa: E402
-from prepare.tiny_model import write_tiny_model  # noqa: E402
-
-
-# Every Qwen-VL family the classifier supports (transformers' model_type); qwen2_5_vl is the default.
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+from prepare.tiny_model import FAMILIES, write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,12 +19,24 @@ def tiny_model_dir(tmp_path_factory):
     return write_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-qwen2.5-vl"), seed=0)
 
 
-@pytest.fixture(scope="session", params=FAMILIES)
-def family_model_dir(request, tmp_path_factory):
+@pytest.fixture(scope="session")
+def tiny_family_model_dir(tmp_path_factory, tiny_model_dir):
+    """family name (prepare/tiny_model.py FAMILIES) -> a tiny random checkpoint of that Qwen-VL family,
+    written at most once per session; qwen2_5_vl is `tiny_model_dir` itself."""
+    written = {"qwen2_5_vl": tiny_model_dir}
+
+    def get(family):
+        if family not in written:
+            folder = tmp_path_factory.mktemp("model") / f"tiny-{family}"
+            written[family] = write_tiny_model(str(folder), seed=0, family=family)
+        return written[family]
+    return get
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))  # every Qwen-VL family, by model_type
+def family_model_dir(request, tiny_family_model_dir):
     """A tiny random checkpoint of each family in turn (tests that take it run once per family)."""
-    if request.param == "qwen2_5_vl":
-        return request.getfixturevalue("tiny_model_dir")
-    return write_tiny_model(str(tmp_path_factory.mktemp("model") / request.param), seed=0, family=request.param)
+    return tiny_family_model_dir(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.video_utils import VideoMetadata
 
-from prepare.tiny_model import FAMILIES, write_tiny_model
+from prepare.tiny_model import FAMILIES
 
 QWEN2_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 USER_TURN = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What is happening?<|im_end|>\n"
@@ -37,13 +37,10 @@ def test_every_family_is_covered():
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def loaded(request, tmp_path_factory):
-    """(family, model, processor) from a freshly written checkpoint; Qwen2.5-VL reuses the shared one."""
+def loaded(request, tiny_family_model_dir):
+    """(family, model, processor) loaded from the session's checkpoint of that family."""
     family = request.param
-    if family == "qwen2_5_vl":
-        path = request.getfixturevalue("tiny_model_dir")
-    else:
-        path = write_tiny_model(str(tmp_path_factory.mktemp("families") / family), seed=0, family=family)
+    path = tiny_family_model_dir(family)
     return family, AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
