@@ -250,6 +250,11 @@ def is_bool(value):
     return isinstance(value, bool)
 
 
+def shown(value):
+    """A value as the YAML said it: true, false, null."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else value
+
+
 def flash_attn_available():
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
@@ -278,11 +283,11 @@ def resume_key(raw, notes, problems):
     """resume_from_checkpoint: a checkpoint folder, or true (the newest in output_dir) -> resume."""
     value = raw.pop("resume_from_checkpoint")
     if value is None or value is False:
-        return notes.append(("ignored", "resume_from_checkpoint", f"{value}: a fresh start, as without it"))
+        return notes.append(("ignored", "resume_from_checkpoint", f"{shown(value)}: a fresh start, as without it"))
     if "resume" in raw:
         return problems.append("resume_from_checkpoint and resume both set: keep one")
     raw["resume"] = "auto" if value is True else value
-    notes.append(("translated", "resume_from_checkpoint", f"{value} -> resume: {raw['resume']}"))
+    notes.append(("translated", "resume_from_checkpoint", f"{shown(value)} -> resume: {raw['resume']}"))
 
 
 def stage_key(raw, notes, problems):
@@ -320,7 +325,7 @@ def task_keys(raw, notes, problems):
     if not asks:
         return problems.append("do_train: false with neither do_eval nor do_predict: nothing to do")
     for key in [k for k in ("do_train", *asks) if k in flags]:
-        notes.append(("translated", key, f"{flags[key]} -> eval_only: true"))
+        notes.append(("translated", key, f"{shown(flags[key])} -> eval_only: true"))
     if adapter is None:
         return problems.append(f"{asks[0]}: true needs adapter_name_or_path: an actcls checkpoint folder "
                                f"(OUTPUT_DIR/checkpoints/best or a step_* folder)")
@@ -339,7 +344,7 @@ def take_model_shape(raw, notes, checkpoint):
     """The checkpoint's model settings replace the YAML's (IVCP's eval YAMLs leave out the adapter's)."""
     saved = read_yaml(os.path.join(checkpoint, "config.yaml"))
     defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
-    changed = [f"{key}: {raw.get(key, defaults.get(key))} -> {saved[key]}" for key in MODEL_SHAPE_KEYS
+    changed = [f"{key}: {shown(raw.get(key, defaults.get(key)))} -> {shown(saved[key])}" for key in MODEL_SHAPE_KEYS
                if key in saved and raw.get(key, defaults.get(key)) != saved[key]]
     raw.update({key: saved[key] for key in MODEL_SHAPE_KEYS if key in saved})
     if changed:
@@ -486,7 +491,7 @@ def gradient_checkpointing_key(raw, notes, problems):
     if "gradient_checkpointing" in raw:
         return problems.append("disable_gradient_checkpointing and gradient_checkpointing both set: keep one")
     raw["gradient_checkpointing"] = not value
-    notes.append(("translated", "disable_gradient_checkpointing", f"{value} -> gradient_checkpointing: {not value}"))
+    notes.append(("translated", "disable_gradient_checkpointing", f"{shown(value)} -> gradient_checkpointing: {shown(not value)}"))
 
 
 def cutoff_key(raw, notes, problems):
@@ -533,14 +538,14 @@ def translate_lf_keys(raw):
     raw, notes, problems = dict(raw), [], []
     for key in list(raw):
         if key in IGNORED:
-            notes.append(("ignored", key, f"{raw.pop(key)}: {IGNORED[key]}"))
+            notes.append(("ignored", key, f"{shown(raw.pop(key))}: {IGNORED[key]}"))
         elif key in REFUSED:
             harmless, reason = REFUSED[key]
             value = raw.pop(key)
             if any(value == h and type(value) is type(h) for h in harmless):
-                notes.append(("ignored", key, f"{value}: as here ({reason})"))
+                notes.append(("ignored", key, f"{shown(value)}: as here ({reason})"))
             else:
-                problems.append(f"{key}: {value!r} is not supported: {reason}")
+                problems.append(f"{key}: {shown(value)} is not supported: {reason}")
     done = set()
     for key, translate in TRANSLATORS.items():
         if key in raw and translate not in done:

@@ -52,7 +52,7 @@ def runnable_copy(name, tmp_path):
     return str(path), changed
 
 
-def write_ivcp_layout(root, per_split=3):
+def write_ivcp_layout(root, train=16, test=4):
     """IVCP's on-disk layout, small: root/data holds IVCP's real dataset_info.json and the first records
     of IVCP's real UCF101 files (SSv2: records in the same format), root/media generated clips at the
     records' relative paths. Returns (dataset_dir, media_dir)."""
@@ -60,14 +60,14 @@ def write_ivcp_layout(root, per_split=3):
     os.makedirs(dataset_dir)
     shutil.copy(os.path.join(IVCP_CONFIGS, "dataset_info.json"), dataset_dir)
     rng = np.random.default_rng(0)
-    for split in ("train", "test"):
+    for split, count in (("train", train), ("test", test)):
         with open(os.path.join(PEER, f"ivcp_ucf101_{split}.json")) as f:
-            records = json.load(f)[:per_split]
+            records = json.load(f)[:count]
         write_split(os.path.join(dataset_dir, f"ucf101_{split}.json"), records, media_dir, rng)
-    for split in ("train", "val"):
+    for split, count in (("train", train), ("val", test)):
         records = [{"messages": [{"role": "user", "content": "<video>What action is being performed?"},
                                  {"role": "assistant", "content": "The action being performed is <ACT>."}],
-                    "videos": [f"sthsthv2/{split}_{i}.webm"], "action_label": 7 * i + 3} for i in range(per_split)]
+                    "videos": [f"sthsthv2/{split}_{i}.webm"], "action_label": 7 * i + 3} for i in range(count)]
         write_split(os.path.join(dataset_dir, f"sthsthv2_{split}.json"), records, media_dir, rng)
     return dataset_dir, media_dir
 
@@ -131,7 +131,7 @@ def test_ivcp_yaml_parses_with_paths_changed(name, ivcp_layout, tmp_path):
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.use_dora, cfg.learning_rate) == (16, 32, True, 5e-5)
     else:
         assert cfg.eval_only and cfg.checkpoint == str(tmp_path / "ckpt") and cfg.use_dora is True
-        assert any("use_dora: False -> True" in n for n in notes)  # the checkpoint's settings, not the YAML's
+        assert any("use_dora: false -> true" in n for n in notes)  # the checkpoint's settings, not the YAML's
 
 
 def fake_checkpoint(path, **settings):
@@ -167,8 +167,8 @@ def test_aliases(argv, expected):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--fp16", "true"], "fp16: True is not supported: fp16 (loss scaling) is not built; use bf16: true"),
-    (["--deepspeed", "ds_z3.json"], "deepspeed: 'ds_z3.json' is not supported: DeepSpeed is not used"),
+    (["--fp16", "true"], "fp16: true is not supported: fp16 (loss scaling) is not built; use bf16: true"),
+    (["--deepspeed", "ds_z3.json"], "deepspeed: ds_z3.json is not supported: DeepSpeed is not used"),
     (["--stage", "sft"], "stage: 'sft': actcls trains only IVCP's action_cls stage"),
     (["--flash_attn", "fa3"], "flash_attn: 'fa3' is not one of"),
     (["--eval_strategy", "epoch"], "set eval_steps to the steps per epoch"),
