@@ -343,7 +343,8 @@ def task_keys(raw, notes, problems):
 def take_model_shape(raw, notes, checkpoint):
     """The checkpoint's model settings replace the YAML's (IVCP's eval YAMLs leave out the adapter's)."""
     saved = read_yaml(os.path.join(checkpoint, "config.yaml"))
-    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(Config)}
     changed = [f"{key}: {shown(raw.get(key, defaults.get(key)))} -> {shown(saved[key])}" for key in MODEL_SHAPE_KEYS
                if key in saved and raw.get(key, defaults.get(key)) != saved[key]]
     raw.update({key: saved[key] for key in MODEL_SHAPE_KEYS if key in saved})
@@ -398,12 +399,12 @@ def decoder_path_key(raw, notes, problems):
 def dataset_keys(raw, notes, problems):
     """dataset / eval_dataset (names, or comma lists) through dataset_dir/dataset_info.json ->
     train_datasets / eval_datasets, videos under media_dir (default: dataset_dir)."""
-    dataset_dir = raw.pop("dataset_dir", "data")
-    media_dir = raw.pop("media_dir", dataset_dir)
+    given = {key: raw.pop(key) for key in ("dataset_dir", "media_dir") if key in raw}
+    dataset_dir = given.get("dataset_dir", "data")
+    media_dir = given.get("media_dir", dataset_dir)
     if "dataset" not in raw and "eval_dataset" not in raw:
-        for key, value in (("dataset_dir", dataset_dir), ("media_dir", media_dir)):
-            if value != "data":
-                notes.append(("ignored", key, f"{value}: read only for dataset / eval_dataset"))
+        for key, value in given.items():
+            notes.append(("ignored", key, f"{value}: read only for dataset / eval_dataset"))
         return
     for key, ours in (("dataset", "train_datasets"), ("eval_dataset", "eval_datasets")):
         if key not in raw:

@@ -272,6 +272,9 @@ def test_registry_problems_name_what_to_do(tmp_path):
     with pytest.raises(config.ConfigError) as err:
         config.parse_config(["--dataset", "a", "--dataset_dir", root, "--train_datasets", "[{path: x.jsonl}]"])
     assert "dataset and train_datasets both set: keep one" in str(err.value)
+    cfg, notes = parse(["--dataset_dir", root, "--train_datasets", "[{path: x.jsonl}]"])  # no name to look up
+    assert cfg.train_datasets == [{"path": "x.jsonl"}]
+    assert notes == [f"ignored (no effect here): dataset_dir: {root}: read only for dataset / eval_dataset"]
 
 
 # ---------------------------------------------------------------------------------------------------
