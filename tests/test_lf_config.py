@@ -337,3 +337,28 @@ def test_ivcp_adapter_is_recognised_with_why(tmp_path):
     with pytest.raises(config.ConfigError, match="a run folder; point it at one of its checkpoints"):
         config.parse_config(["--do_predict", "true", "--adapter_name_or_path", str(tmp_path / "run"),
                              "--eval_datasets", "[{path: x.jsonl}]"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end: IVCP's training YAML, then its eval YAML on the checkpoint it wrote
+
+def test_train_then_eval_with_ivcp_yamls(ivcp_layout, tiny_model_dir, tmp_path, capsys):
+    """Paths changed, plus overrides that only make it fast (one small step, no workers, fp32 on CPU).
+    The start-up lines come once; the eval YAML evaluates the checkpoint to the training's own val loss."""
+    dataset_dir, media_dir = ivcp_layout
+    paths = ["--model_name_or_path", tiny_model_dir, "--dataset_dir", dataset_dir, "--media_dir", media_dir]
+    fast = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--dataloader_num_workers", "0", "--bf16", "false"]
+    train_yaml, _ = runnable_copy("qwen2_5vl_ucf101.yaml", tmp_path)
+    train.main(["--config", train_yaml, *paths, "--output_dir", str(tmp_path / "run"), *fast])
+    out = capsys.readouterr().out
+    assert out.count("ignored (no effect here): plot_loss: true: ") == 1
+    assert out.count("LLaMA-Factory/IVCP key translated: dataset: ucf101_train -> train_datasets") == 1
+    val = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"val"' in line][-1]
+
+    eval_yaml, _ = runnable_copy("qwen2_5vl_ucf101_eval.yaml", tmp_path)
+    train.main(["--config", eval_yaml, *paths, "--adapter_name_or_path", str(tmp_path / "run" / "checkpoints" / "best"),
+                "--output_dir", str(tmp_path / "eval"), "--dataloader_num_workers", "0", "--bf16", "false"])
+    assert "the checkpoint's model settings: lora_dropout: 0.0 -> 0.05, use_dora: false -> true" in capsys.readouterr().out
+    result = json.load(open(tmp_path / "eval" / "eval.json"))["datasets"]["ucf101_test"]
+    assert result["count"] == 4 and result["loss"] == pytest.approx(val["loss"], abs=1e-4)
