@@ -309,6 +309,9 @@ def task_keys(raw, notes, problems):
             return
     do_train = flags.get("do_train", not (flags.get("do_eval") or flags.get("do_predict")))
     asks = [key for key in ("do_eval", "do_predict") if flags.get(key)]
+    for key in [k for k in ("do_eval", "do_predict") if flags.get(k) is False]:
+        notes.append(("ignored", key, "false: as without it (evaluation during training follows eval_dataset "
+                      "and eval_steps)"))
     if do_train:
         if "do_train" in flags:
             notes.append(("ignored", "do_train", "true: train.py trains"))

@@ -166,6 +166,13 @@ def test_aliases(argv, expected):
     assert {key: getattr(cfg, key) for key in expected} == expected
 
 
+def test_every_given_task_flag_is_listed():
+    _, notes = parse(["--train_datasets", "[{path: x.jsonl}]", "--do_train", "true", "--do_eval", "true",
+                      "--do_predict", "false"])
+    for key in ("do_train", "do_eval", "do_predict"):
+        assert sum(n.startswith(f"ignored (no effect here): {key}: ") for n in notes) == 1
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--fp16", "true"], "fp16: true is not supported: fp16 (loss scaling) is not built; use bf16: true"),
     (["--deepspeed", "ds_z3.json"], "deepspeed: ds_z3.json is not supported: DeepSpeed is not used"),
