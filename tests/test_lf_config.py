@@ -371,3 +371,17 @@ def test_train_then_eval_with_ivcp_yamls(ivcp_layout, tiny_model_dir, tmp_path, 
     assert "the checkpoint's model settings: lora_dropout: 0.0 -> 0.05, use_dora: false -> true" in capsys.readouterr().out
     result = json.load(open(tmp_path / "eval" / "eval.json"))["datasets"]["ucf101_test"]
     assert result["count"] == 4 and result["loss"] == pytest.approx(val["loss"], abs=1e-4)
+
+
+def test_ivcp_head_must_fit_the_model(tiny_model_dir, tmp_path):
+    """build_classifier takes an IVCP head as the initial head only when it reads this model's hidden size."""
+    base = ["--train_datasets", "[{path: x.jsonl}]", "--model_name_or_path", tiny_model_dir,
+            "--num_action_classes", "5"]
+    fits, state = ivcp_head(tmp_path / "fits", "linear", hidden=64)
+    cfg = config.parse_config(base + ["--action_decoder_path", fits])
+    _, classifier = model.build_classifier(cfg, config.head_sizes(cfg))
+    torch.testing.assert_close(classifier.heads["default"].net.weight, state["head.weight"])
+    other, _ = ivcp_head(tmp_path / "other", "linear", hidden=32)
+    cfg = config.parse_config(base + ["--action_decoder_path", other])
+    with pytest.raises(config.ConfigError, match="reads a hidden state of size 32, .* gives 64"):
+        model.build_classifier(cfg, config.head_sizes(cfg))
