@@ -107,10 +107,29 @@ def resolve_video(path, video_root, record_file):
     if os.path.isabs(path):
         return path
     root = video_root if video_root is not None else os.path.dirname(os.path.abspath(record_file))
-    return os.path.join(root, path)
+    joined = os.path.join(root, path)
+    if video_root is not None and not os.path.exists(joined) and os.path.isfile(path):
+        return os.path.abspath(path)  # LLaMA-Factory's media_dir fallback: the path as written
+    return joined
 
 
-def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_report=20):
+def renamed_record(record, columns, tags):
+    """A record in a registry's own column and tag names (dataset_info.json `columns`, `tags`) ->
+    this format's names: messages [{role: user|assistant, content}], videos, action_label."""
+    if not isinstance(record, dict):
+        return record
+    out = {ours: record[theirs] for ours, theirs in (columns or {}).items() if theirs in record}
+    out = {**{k: v for k, v in record.items() if k not in (columns or {}).values()}, **out}
+    if tags and isinstance(out.get("messages"), list):
+        roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
+        out["messages"] = [{"role": roles.get(m.get(tags["role_tag"]), m.get(tags["role_tag"])),
+                            "content": m.get(tags["content_tag"])} if isinstance(m, dict) else m
+                           for m in out["messages"]]
+    return out
+
+
+def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_report=20,
+                 columns=None, tags=None):
     """Reads and validates a whole dataset file up front, so a bad record fails the run before any
     GPU time is spent. All problems are collected and reported together, with file:line.
 
@@ -119,6 +138,8 @@ def load_samples(path, video_root, num_classes, label_space="default", require_l
     samples, problems, bad_videos = [], [], []
     for lineno, record in read_records(path):
         where = f"{path}:{lineno}"
+        if columns or tags:
+            record = renamed_record(record, columns, tags)
         found = record_problems(record, num_classes, require_label)
         problems += [f"{where}: {p}" for p in found]
         if found:
@@ -402,7 +423,8 @@ def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0,
     for entry in entries:
         space = entry.get("label_space", "default")
         spaces.append(space)
-        part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label)
+        part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label,
+                                 columns=entry.get("columns"), tags=entry.get("tags"))
         samples, bad_videos = samples + part, bad_videos + bad
         counts.append(len(part))
         weights.append(float(entry.get("weight", 1.0)))

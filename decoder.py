@@ -9,9 +9,11 @@ import json
 import os
 
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 DECODER_TYPES = ("linear", "mlp")
+WEIGHTS_FILE = "action_decoder.safetensors"  # IVCP's ActionDecoder writes a file of the same name, without the json
 
 
 class ActionDecoder(nn.Module):
@@ -44,3 +46,33 @@ class ActionDecoder(nn.Module):
             decoder = cls(**json.load(f))
         decoder.load_state_dict(load_file(os.path.join(directory, "action_decoder.safetensors")))
         return decoder
+
+
+def ivcp_decoder_type(directory):
+    """The head type of an IVCP ActionDecoder.save_pretrained folder (weights only, keys `head.*`, no
+    action_decoder.json): "linear", "mlp" or "transformer"; None when the folder holds no such file."""
+    path = os.path.join(directory, WEIGHTS_FILE)
+    if os.path.isfile(os.path.join(directory, "action_decoder.json")) or not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    if keys == {"head.weight", "head.bias"}:
+        return "linear"
+    if keys == {"head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"}:
+        return "mlp"
+    return "transformer"  # projection.*, transformer_layers.*, final_norm.*, head.*
+
+
+def from_ivcp(directory):
+    """An IVCP linear or mlp head as an ActionDecoder: the same layers under `head` instead of `net`
+    (Linear, or Linear-GELU-Linear), so only the names change; the sizes come from the weights."""
+    state = load_file(os.path.join(directory, WEIGHTS_FILE))
+    state = {"net" + key[len("head"):]: value for key, value in state.items()}
+    if "net.weight" in state:
+        num_classes, hidden_size = state["net.weight"].shape
+        decoder = ActionDecoder(hidden_size, num_classes, "linear")
+    else:
+        inner, hidden_size = state["net.0.weight"].shape
+        decoder = ActionDecoder(hidden_size, state["net.2.weight"].shape[0], "mlp", inner)
+    decoder.load_state_dict(state)
+    return decoder

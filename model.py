@@ -35,8 +35,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from config import ConfigError, write_config
-from decoder import ActionDecoder
+from config import IVCP_TRANSFORMER_HEAD, ConfigError, write_config
+from decoder import ActionDecoder, from_ivcp, ivcp_decoder_type
 
 ACT_TOKEN = "<ACT>"
 # Module names, the same in every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE)):
@@ -192,6 +192,10 @@ def build_classifier(cfg, head_sizes, processor=None):
             heads[space] = pretrained_head(cfg.action_decoder_path)
         else:
             heads[space] = ActionDecoder(hidden, num_classes, cfg.action_decoder_type, cfg.action_decoder_hidden_size)
+        if heads[space].config["hidden_size"] != hidden:
+            raise ConfigError(f"action_decoder_path {cfg.action_decoder_path}: the head reads a hidden state of "
+                              f"size {heads[space].config['hidden_size']}, {cfg.model_name_or_path} gives {hidden}; "
+                              f"it was trained on another base model")
         if heads[space].config["num_classes"] != num_classes:
             raise ConfigError(f"action_decoder_path {cfg.action_decoder_path} has "
                               f"{heads[space].config['num_classes']} classes, the config says {num_classes}")
@@ -231,7 +235,12 @@ def load_exported(directory, act_token_id, spaces, dtype, attn_implementation="s
 
 
 def pretrained_head(directory):
-    """action_decoder_path: a folder ActionDecoder.save_pretrained wrote."""
+    """action_decoder_path: a folder ActionDecoder.save_pretrained wrote, or IVCP's linear/mlp head."""
+    ivcp_type = ivcp_decoder_type(directory)
+    if ivcp_type in ("linear", "mlp"):
+        return from_ivcp(directory)
+    if ivcp_type is not None:
+        raise ConfigError(IVCP_TRANSFORMER_HEAD.format(path=directory))
     if not os.path.isfile(os.path.join(directory, "action_decoder.json")):
         raise ConfigError(f"action_decoder_path {directory}: no action_decoder.json there; point it at a folder "
                           f"ActionDecoder.save_pretrained wrote (a checkpoint's heads/<label_space>)")

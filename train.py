@@ -39,11 +39,14 @@ from model import (CheckpointError, build_classifier, check_base_model, build_op
 
 
 def main(argv=None):
+    notes = []  # LLaMA-Factory/IVCP keys: what was translated or ignored, and why
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__)
+        cfg = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__, notes=notes)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     rank, world, device = setup_distributed()
+    for line in notes:
+        print0(line)
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
         if rank == 0:  # an evaluation must not overwrite its training run's config
