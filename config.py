@@ -40,8 +40,12 @@ class Config:
     attn_implementation: str = "sdpa"
     num_action_classes: int = 6  # classes of the "default" label space
     label_spaces: dict = field(default_factory=dict)  # extra heads: {name: num_classes}
-    action_decoder_type: str = "linear"  # linear | mlp
-    action_decoder_hidden_size: int | None = None  # mlp inner size (default: the model's hidden size)
+    action_decoder_type: str = "linear"  # linear | mlp | transformer | transformer_no_vision
+    action_decoder_hidden_size: int | None = None  # mlp / transformer's MLP inner size (default: the model's hidden size)
+    action_decoder_num_transformer_layers: int = 2  # transformer heads: layers over [<ACT>, video tokens]
+    action_decoder_num_heads: int = 8  # transformer heads: attention heads (must divide the model's hidden size)
+    action_decoder_dropout: float = 0.1  # transformer heads: dropout in training (off in evaluation)
+    action_cls_token_loss_weight: float = 0.0  # > 0: loss = CE + this x LM loss on the answer tokens (IVCP: 0.1)
     action_decoder_path: str | None = None  # initialise the head from ActionDecoder.save_pretrained output
     action_token_lr_scale: float = 0.1  # <ACT> row learning rate = learning_rate * this
     head_lr_scale: float = 1.0  # head learning rate = learning_rate * this
@@ -105,10 +109,11 @@ CHOICES = {"finetuning_type": ("lora", "full", "freeze"), "eval_num_crops": (1, 
            "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
 POSITIVE = ("num_action_classes", "lora_rank", "video_fps", "video_maxlen", "video_max_pixels",
             "video_min_pixels", "per_device_train_batch_size", "per_device_eval_batch_size",
-            "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "logging_steps", "eval_num_clips")
+            "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "logging_steps", "eval_num_clips",
+            "action_decoder_num_transformer_layers", "action_decoder_num_heads")
 NON_NEGATIVE = ("max_bad_video_fraction", "weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
                 "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "action_token_lr_scale",
-                "head_lr_scale")
+                "head_lr_scale", "action_decoder_dropout", "action_cls_token_loss_weight")
 DATASET_KEYS = {"path", "video_root", "weight", "label_space", "name", "columns", "tags"}
 
 
@@ -155,6 +160,8 @@ def config_problems(raw):
             problems.append(f"{key}: must be > 0, got {value!r}")
         elif key in NON_NEGATIVE and value < 0:
             problems.append(f"{key}: must be >= 0, got {value!r}")
+        elif key == "action_decoder_dropout" and value >= 1:
+            problems.append(f"{key}: must be < 1 (a probability), got {value!r}")
     for key in ("train_datasets", "eval_datasets"):
         for i, entry in enumerate(raw.get(key) or []):
             if not isinstance(entry, dict) or "path" not in entry:

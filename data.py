@@ -234,12 +234,40 @@ def prompt_text(processor, messages):
     return text[: text.index(ACT_TOKEN) + len(ACT_TOKEN)]
 
 
+def answer_turn(processor, messages):
+    """(prompt, answer): the chat-formatted conversation up to the assistant turn that holds <ACT>
+    (generation prompt included), and that turn as the template renders it (content and end of
+    turn: what LLaMA-Factory's SFT labels cover). Turns after it are left out."""
+    last = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and ACT_TOKEN in m["content"])
+    prompt = processor.apply_chat_template(prompt_messages(messages[:last]), tokenize=False,
+                                           add_generation_prompt=True)
+    text = processor.apply_chat_template(prompt_messages(messages[:last + 1]), tokenize=False)
+    if not text.startswith(prompt):
+        raise DataError("the chat template renders the conversation without the generation prompt as its "
+                        "prefix; action_cls_token_loss_weight > 0 cannot find the answer's tokens")
+    return prompt, text[len(prompt):]
+
+
+def answer_token_count(tokenizer, prompt, answer, source):
+    """How many tokens the answer adds after the prompt (the video placeholder expands inside the
+    prompt, so this count holds for the processor's tokens too)."""
+    prompt_ids, ids = tokenizer(prompt)["input_ids"], tokenizer(prompt + answer)["input_ids"]
+    if ids[:len(prompt_ids)] != prompt_ids:  # a merge across the boundary would blur the answer's start
+        raise DataError(f"{source}: the prompt's tokens change when the answer follows them; "
+                        f"action_cls_token_loss_weight > 0 cannot find the answer's tokens")
+    return len(ids) - len(prompt_ids)
+
+
 class Collator:
     """Runs the processor on a list of dataset items (in DataLoader workers) and adds `act_index`,
-    `labels` and `label_space`. A batch holds a single label space."""
+    `labels` and `label_space`. A batch holds a single label space.
 
-    def __init__(self, processor, act_token_id):
-        self.processor, self.act_token_id = processor, act_token_id
+    answer_tokens (action_cls_token_loss_weight > 0): the text runs to the end of the answer
+    instead of stopping at <ACT>, and `answer_mask` (B, L) marks the answer's tokens, the LM loss's
+    targets."""
+
+    def __init__(self, processor, act_token_id, answer_tokens=False):
+        self.processor, self.act_token_id, self.answer_tokens = processor, act_token_id, answer_tokens
 
     def __call__(self, items):
         from transformers.video_utils import VideoMetadata  # here, not at the top: workers import it once
@@ -249,8 +277,13 @@ class Collator:
             raise ValueError(f"a batch mixes label spaces {sorted(spaces)}; batch each label space on its own")
         metadata = [VideoMetadata(total_num_frames=it["info"].num_frames, fps=it["info"].fps,
                                   frames_indices=it["indices"].tolist()) for it in items]
+        if self.answer_tokens:
+            turns = [answer_turn(self.processor, it["sample"].messages) for it in items]
+            texts = [prompt + answer for prompt, answer in turns]
+        else:
+            texts = [prompt_text(self.processor, it["sample"].messages) for it in items]
         batch = self.processor(
-            text=[prompt_text(self.processor, it["sample"].messages) for it in items],
+            text=texts,
             videos=[it["frames"] for it in items], video_metadata=metadata, do_resize=False,
             do_sample_frames=False, padding=True, return_tensors="pt")
         is_act = batch["input_ids"] == self.act_token_id
@@ -263,8 +296,13 @@ class Collator:
         # pixel_values_videos, video_grid_thw, mm_token_type_ids (M-RoPE), and Qwen2.5-VL's
         # second_per_grid_ts; Qwen3-VL puts the frame times into the text instead.
         inputs = {key: value for key, value in batch.items() if torch.is_tensor(value)}
+        inputs["act_index"] = is_act.int().argmax(1)
+        if self.answer_tokens:
+            counts = [answer_token_count(self.processor.tokenizer, prompt, answer, it["sample"].source)
+                      for (prompt, answer), it in zip(turns, items)]
+            inputs["answer_mask"] = answer_mask(batch["attention_mask"], torch.tensor(counts))
         return {
-            "inputs": {**inputs, "act_index": is_act.int().argmax(1)},
+            "inputs": inputs,
             "labels": torch.tensor([-100 if label is None else label for label in labels]),
             "label_space": spaces.pop(),
             "index": torch.tensor([it["index"] for it in items]),
@@ -272,6 +310,14 @@ class Collator:
             "valid": torch.tensor([it["valid"] for it in items]),
             "skipped": [msg for it in items for msg in it["skipped"]],
         }
+
+
+def answer_mask(attention_mask, counts):
+    """(B, L) True at each row's last counts[i] real tokens: the answer, which ends the text. Rows
+    are padded on the right (load_processor)."""
+    lengths = attention_mask.sum(1, keepdim=True)
+    positions = torch.arange(attention_mask.shape[1])
+    return (positions >= lengths - counts[:, None]) & (positions < lengths)
 
 
 def sample_lengths(dataset, text_per_group=0):

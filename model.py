@@ -12,12 +12,14 @@ Design choices, each for a reason:
 - The forward goes through the inner model (`vlm.model`: Qwen2_5_VLModel, Qwen3VLModel, ...), never
   the LM head: a classifier needs one hidden state per sample, not 151,936-way (Qwen3.5: 248,320)
   logits at every position.
+  (With action_cls_token_loss_weight > 0, the LM head runs at the answer's positions only.)
+- A `transformer` head also reads the video tokens' last-layer states, from the same forward.
 - The `<ACT>` row is its own parameter (`act_embedding`), written into the embedded sequence where
   the token sits by a forward hook on the input embedding (the model's forward itself runs from
   input_ids, untouched). The table stays frozen, so no other row can move (no gradient masks,
   no weight decay leaking into frozen rows) and the optimizer holds one row of state, not the table.
 - Inputs arrive cut right after `<ACT>` (see data.py): with causal attention nothing after it can
-  change its hidden state.
+  change its hidden state. With the token loss on, they are cut after the answer's last token.
 """
 
 import hashlib
@@ -29,6 +31,7 @@ import zipfile
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
@@ -36,7 +39,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from config import IVCP_TRANSFORMER_HEAD, ConfigError, write_config
-from decoder import ActionDecoder, from_ivcp, ivcp_decoder_type
+from decoder import TRANSFORMER_TYPES, ActionDecoder, from_ivcp, ivcp_decoder_type
 
 ACT_TOKEN = "<ACT>"
 # Module names, the same in every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE)):
@@ -59,7 +62,7 @@ def load_processor(path, trust_remote_code=False):
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
     tokenizer.add_special_tokens({"extra_special_tokens": [ACT_TOKEN]}, replace_extra_special_tokens=False)
-    tokenizer.padding_side = "right"  # the <ACT> position is gathered per row, so either side works
+    tokenizer.padding_side = "right"  # data.answer_mask counts each row's answer back from its last real token
     return processor, tokenizer.convert_tokens_to_ids(ACT_TOKEN)
 
 
@@ -139,12 +142,15 @@ def apply_finetuning(vlm, cfg):
 
 
 class ActionClassifier(nn.Module):
-    def __init__(self, vlm, act_token_id, heads, act_row=None):
+    def __init__(self, vlm, act_token_id, heads, act_row=None, video_token_id=None):
         """act_row: the trained <ACT> row (an export's table holds it); by default a new token starts
-        from the mean of the existing vocabulary rows (as LLaMA-Factory does for added tokens)."""
+        from the mean of the existing vocabulary rows (as LLaMA-Factory does for added tokens).
+        video_token_id: the processor's video placeholder token (where the video tokens' states sit,
+        for `transformer` heads); by default the model config's."""
         super().__init__()
         self.vlm = vlm
         self.act_token_id = act_token_id
+        self.video_token_id = video_token_id if video_token_id is not None else vlm.config.video_token_id
         self.heads = nn.ModuleDict(heads)
         embedding = self.backbone.get_input_embeddings()
         start = embedding.weight[:act_token_id].mean(0) if act_row is None else act_row
@@ -166,16 +172,54 @@ class ActionClassifier(nn.Module):
         is_act = (args[0] == self.act_token_id).unsqueeze(-1)
         return torch.where(is_act, self.act_embedding.to(embeds.dtype), embeds)
 
-    def act_hidden(self, input_ids, act_index, **inputs):
-        """Last-layer hidden state at each row's <ACT> token: (B, hidden). `inputs`: the rest of
+    def last_hidden_state(self, input_ids, **inputs):
+        """The backbone's last-layer hidden states, (B, L, hidden): one forward gives the <ACT> state,
+        the video tokens' states and the answer positions' states alike. `inputs`: the rest of
         data.Collator's model inputs (attention_mask, pixel_values_videos, video_grid_thw and the
         family's own keys: mm_token_type_ids, second_per_grid_ts), passed to the backbone as they are."""
-        out = self.backbone(input_ids=input_ids, use_cache=False, **inputs)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return out.last_hidden_state[rows, act_index]
+        return self.backbone(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
 
-    def forward(self, label_space, **inputs):
-        return self.heads[label_space](self.act_hidden(**inputs))
+    def act_hidden(self, input_ids, act_index, **inputs):
+        """Last-layer hidden state at each row's <ACT> token: (B, hidden)."""
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self.last_hidden_state(input_ids, **inputs)[rows, act_index]
+
+    def forward(self, label_space, input_ids, act_index, answer_mask=None, **inputs):
+        """Class logits (B, classes). With `answer_mask` (data.Collator's when
+        action_cls_token_loss_weight > 0): (logits, the LM loss on the answer tokens)."""
+        hidden = self.last_hidden_state(input_ids, **inputs)
+        head = self.heads[label_space]
+        act = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), act_index]
+        logits = head(act, *masked_rows(hidden, input_ids == self.video_token_id)) if head.uses_video else head(act)
+        if answer_mask is None:
+            return logits
+        return logits, self.answer_loss(hidden, input_ids, answer_mask)
+
+    def answer_loss(self, hidden, input_ids, answer_mask):
+        """Mean cross-entropy of each answer token predicted from the position before it: what a causal
+        LM forward with labels = input_ids (-100 outside the answer) computes, but lm_head runs on
+        the answer's positions only, (answer tokens, vocab) instead of (B, L, vocab)."""
+        before = torch.zeros_like(answer_mask)
+        before[:, :-1] = answer_mask[:, 1:]  # the position that predicts each answer token
+        states = hidden[before]
+        lm_head = self.vlm.get_output_embeddings()
+        logits = lm_head(states)
+        if lm_head.weight is self.backbone.get_input_embeddings().weight:
+            # tied (Qwen2.5-VL-3B): the <ACT> row is act_embedding in the table, so in the LM head too,
+            # as in the exported model (merged_backbone writes it into the shared table)
+            logits[:, self.act_token_id] = states @ self.act_embedding.to(states.dtype)
+        return F.cross_entropy(logits.float(), input_ids[answer_mask])
+
+
+def masked_rows(hidden, mask):
+    """hidden (B, L, H), mask (B, L) -> each row's masked positions in order, (B, N, H) zero-padded to
+    the row with the most (N), and (B, N) True where a state is real."""
+    counts = mask.sum(1)
+    n = int(counts.max())
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]  # masked positions first, in order
+    valid = torch.arange(n, device=mask.device) < counts[:, None]
+    states = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return states.masked_fill(~valid.unsqueeze(-1), 0), valid
 
 
 def build_classifier(cfg, head_sizes, processor=None):
@@ -186,12 +230,17 @@ def build_classifier(cfg, head_sizes, processor=None):
     act_token_id = processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN)
     vlm = apply_finetuning(load_vlm(cfg, act_token_id), cfg)
     hidden = vlm.config.get_text_config().hidden_size
+    if cfg.action_decoder_type in TRANSFORMER_TYPES and hidden % cfg.action_decoder_num_heads:
+        raise ConfigError(f"action_decoder_num_heads={cfg.action_decoder_num_heads} must divide the hidden size of "
+                          f"{cfg.model_name_or_path} ({hidden}); pick a divisor of {hidden}")
     heads = {}
     for space, num_classes in head_sizes.items():
         if cfg.action_decoder_path is not None and len(head_sizes) == 1:
             heads[space] = pretrained_head(cfg.action_decoder_path)
         else:
-            heads[space] = ActionDecoder(hidden, num_classes, cfg.action_decoder_type, cfg.action_decoder_hidden_size)
+            heads[space] = ActionDecoder(hidden, num_classes, cfg.action_decoder_type, cfg.action_decoder_hidden_size,
+                                         cfg.action_decoder_num_transformer_layers, cfg.action_decoder_num_heads,
+                                         cfg.action_decoder_dropout)
         if heads[space].config["hidden_size"] != hidden:
             raise ConfigError(f"action_decoder_path {cfg.action_decoder_path}: the head reads a hidden state of "
                               f"size {heads[space].config['hidden_size']}, {cfg.model_name_or_path} gives {hidden}; "
@@ -199,7 +248,7 @@ def build_classifier(cfg, head_sizes, processor=None):
         if heads[space].config["num_classes"] != num_classes:
             raise ConfigError(f"action_decoder_path {cfg.action_decoder_path} has "
                               f"{heads[space].config['num_classes']} classes, the config says {num_classes}")
-    return processor, ActionClassifier(vlm, act_token_id, heads)
+    return processor, ActionClassifier(vlm, act_token_id, heads, video_token_id=processor.video_token_id)
 
 
 def merged_backbone(model):

@@ -145,7 +145,9 @@ def train(cfg, rank, world, device):
     if start is not None:
         load_training_state(start, model, optimizer, scheduler, state["step"], rank)
         print0(f"resumed from {start} at step {state['step']}")
-    batches = batch_stream(train_mix, collate, cfg, layout, (state["epoch"], state["position"]))
+    # training batches carry the answer's tokens only when the token loss needs them; evaluation never does
+    train_collate = Collator(processor, model.act_token_id, answer_tokens=cfg.action_cls_token_loss_weight > 0)
+    batches = batch_stream(train_mix, train_collate, cfg, layout, (state["epoch"], state["position"]))
     run = Run(cfg, rank, world, device, model, wrapped, optimizer, scheduler, batches, train_mix, eval_mix, evals,
               classes={**(eval_mix.classes if eval_mix else {}), **train_mix.classes}, steps=steps,
               log=MetricsLog(cfg.output_dir, rank == 0, after_step=state["step"]), stop=StopSignal(), state=state)
@@ -218,12 +220,19 @@ class Tally:
 
 
 def train_micro_step(run, batch):
+    """Backward of CE (+ action_cls_token_loss_weight x the answer's LM loss, when the batch carries
+    answer_mask). The Tally counts the CE alone, comparable to the evaluation loss."""
     with autocast(run.cfg, run.device):
-        logits = run.wrapped(batch["label_space"], **to_device(batch["inputs"], run.device)).float()
+        out = run.wrapped(batch["label_space"], **to_device(batch["inputs"], run.device))
+    logits, lm_loss = out if isinstance(out, tuple) else (out, None)
     labels = batch["labels"].to(run.device)
-    loss = F.cross_entropy(logits, labels)
-    (loss / run.cfg.gradient_accumulation_steps).backward()
-    return Tally(loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels))
+    loss = F.cross_entropy(logits.float(), labels)
+    total = loss if lm_loss is None else loss + run.cfg.action_cls_token_loss_weight * lm_loss
+    (total / run.cfg.gradient_accumulation_steps).backward()
+    ce = loss.item()
+    if lm_loss is not None and not math.isfinite(lm_loss.item()):
+        ce = math.nan  # so a non-finite LM loss stops the run as a non-finite CE does
+    return Tally(ce * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels))
 
 
 def train_step(run, skipped):
