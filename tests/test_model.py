@@ -13,6 +13,10 @@ from model import LM_PREFIX, build_classifier, build_optimizer, load_weights, sa
 from video import VideoSettings
 
 
+SETTINGS = VideoSettings(video_fps=4, video_maxlen=8, video_num_frames=None, video_min_pixels=3136,
+                         video_max_pixels=3136)  # the default Qwen2.5-VL geometry (tests of one family)
+
+
 def settings_for(processor):
     """4 fps, up to 8 frames, one patch grid of about 56 x 56 px, in the family's own geometry."""
     return VideoSettings(video_fps=4, video_maxlen=8, video_num_frames=None, video_min_pixels=3136,
