@@ -244,8 +244,11 @@ MODEL_SHAPE_KEYS = ("finetuning_type", "lora_rank", "lora_alpha", "lora_dropout"
 
 IVCP_TRANSFORMER_HEAD = (
     "action_decoder_path {path}: IVCP's transformer head (action_decoder.safetensors with projection.*, "
-    "transformer_layers.*, final_norm.* keys and no action_decoder.json); its layers and their names are IVCP's "
-    "own, so it cannot be loaded as an actcls head. Set action_decoder_path: null to train the head afresh")
+    "transformer_layers.*, final_norm.* keys and no action_decoder.json). actcls's transformer head has the same "
+    "layers, but IVCP trained them on the vision tower's outputs from a second vision pass, while actcls feeds "
+    "them the video tokens' last-layer states from the <ACT> forward, and the file does not record its head "
+    "count or dropout: its weights would compute something else here. Set action_decoder_path: null to train "
+    "the head afresh")
 
 # Upper bound of a sample's length for cutoff_len: video tokens at the smallest patch size (14 px, merged
 # 2x2: one token per 28x28 pixels, two frames per token), plus the prompt's text.
