@@ -213,9 +213,8 @@ def training_key_problems(raw):
                                                                   " (only polynomial takes power, lr_end)"))
         elif not all(type_ok(v, float) for v in kwargs.values()):
             problems.append(f"lr_scheduler_kwargs: expected numbers, got {kwargs}")
-        elif kwargs.get("lr_end", 0) >= raw.get("learning_rate", Config.learning_rate):
-            problems.append(f"lr_scheduler_kwargs: lr_end {kwargs['lr_end']} must be below learning_rate "
-                            f"{raw.get('learning_rate', Config.learning_rate)}")
+        elif type_ok(lr := raw.get("learning_rate", Config.learning_rate), float) and kwargs.get("lr_end", 0) >= lr:
+            problems.append(f"lr_scheduler_kwargs: lr_end {kwargs['lr_end']} must be below learning_rate {lr}")
     return problems
 
 

@@ -87,7 +87,7 @@ def setup_distributed(timeout_s=1800):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def check_shared_output_dir(output_dir, rank, world, device, wait_s=5.0):
+def check_shared_output_dir(output_dir, rank, world, wait_s=5.0):
     """Multi-node runs need output_dir on storage every node sees: rank 0 creates each checkpoint's
     folder and every rank writes its RNG state into it; a resume reads it on every rank. Checked
     before any step: rank 0 writes a marker with a fresh token, every rank must find it (listing the
@@ -95,9 +95,10 @@ def check_shared_output_dir(output_dir, rank, world, device, wait_s=5.0):
     raise the same ConfigError when one cannot see it."""
     if world == 1:
         return
-    token = [f"{time.time_ns()}-{os.getpid()}" if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    marker = f".shared_check_{token[0]}"
+    sent = [(f"{time.time_ns()}-{os.getpid()}", socket.gethostname()) if rank == 0 else None]
+    dist.broadcast_object_list(sent, src=0)
+    (token, writer), = sent
+    marker = f".shared_check_{token}"
     if rank == 0:
         with open(os.path.join(output_dir, marker), "w") as f:
             f.write(socket.gethostname())
@@ -114,7 +115,7 @@ def check_shared_output_dir(output_dir, rank, world, device, wait_s=5.0):
     if blind:
         where = ", ".join(f"rank {r} on {host} (looked in {path})" for r, host, path in blind)
         raise ConfigError(f"output_dir {output_dir} is not shared between the nodes: {where} cannot see the file "
-                          f"rank 0 wrote there on {socket.gethostname() if rank == 0 else 'its node'}. Multi-node "
+                          f"rank 0 wrote there on {writer}. Multi-node "
                           f"runs need output_dir on storage every node mounts at the same path (NFS, Lustre, a "
                           f"mounted bucket): every rank writes into the checkpoints rank 0 creates, and a resume "
                           f"reads them on every node.")
@@ -164,7 +165,7 @@ def load_mix(cfg, entries):
 
 def train(cfg, rank, world, device):
     torch.manual_seed(cfg.seed + rank)
-    check_shared_output_dir(cfg.output_dir, rank, world, device)
+    check_shared_output_dir(cfg.output_dir, rank, world)
     check_reporters(cfg)
     train_mix = load_mix(cfg, cfg.train_datasets)
     eval_mix = load_mix(cfg, cfg.eval_datasets) if cfg.eval_datasets else None
