@@ -509,8 +509,12 @@ def start_wandb(cfg):
     import wandb  # optional: imported only when report_to asks for it
 
     name = cfg.run_name if cfg.run_name is not None else os.path.basename(os.path.abspath(cfg.output_dir))
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "actcls"), name=name, group=name,
-                      dir=cfg.output_dir, config=dataclasses.asdict(cfg), job_type="train")
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "actcls"), name=name, group=name,
+                          dir=cfg.output_dir, config=dataclasses.asdict(cfg), job_type="train")
+    except wandb.errors.Error as e:  # no API key, no network: before any step, say what to do
+        raise ConfigError(f"report_to: wandb: wandb.init failed ({type(e).__name__}: {e}). Run `wandb login`, or "
+                          f"set WANDB_MODE=offline (sync later) or WANDB_MODE=disabled") from None
 
 
 # ---------------------------------------------------------------------------------------------------
