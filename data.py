@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from config import ConfigError
-from model import ACT_TOKEN, CheckpointError
-from video import SINGLE_VIEW, DataError, frame_size, load_sampled, num_frames_to_sample, probe_video
+from model import ACT_TOKEN, CheckpointError, vision_geometry
+from video import SINGLE_VIEW, DataError, VideoInfo, frame_size, load_sampled, num_frames_to_sample, probe_video
 from video import decode_frames  # noqa: F401  (data.decode_frames: the interface DESIGN.md names)
 
 # A user's mistake in a config, a dataset or a checkpoint: the scripts' main turns these into one message
@@ -108,11 +108,29 @@ def resolve_video(path, video_root, record_file):
     if os.path.isabs(path):
         return path
     root = video_root if video_root is not None else os.path.dirname(os.path.abspath(record_file))
-    return os.path.join(root, path)
+    joined = os.path.join(root, path)
+    if video_root is not None and not os.path.exists(joined) and os.path.isfile(path):
+        return os.path.abspath(path)  # LLaMA-Factory's media_dir fallback: the path as written
+    return joined
+
+
+def renamed_record(record, columns, tags):
+    """A record in a registry's own column and tag names (dataset_info.json `columns`, `tags`) ->
+    this format's names: messages [{role: user|assistant, content}], videos, action_label."""
+    if not isinstance(record, dict):
+        return record
+    out = {ours: record[theirs] for ours, theirs in (columns or {}).items() if theirs in record}
+    out = {**{k: v for k, v in record.items() if k not in (columns or {}).values()}, **out}
+    if tags and isinstance(out.get("messages"), list):
+        roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
+        out["messages"] = [{"role": roles.get(m.get(tags["role_tag"]), m.get(tags["role_tag"])),
+                            "content": m.get(tags["content_tag"])} if isinstance(m, dict) else m
+                           for m in out["messages"]]
+    return out
 
 
 def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_report=20,
-                 max_samples=None):
+                 columns=None, tags=None, max_samples=None):
     """Reads and validates a whole dataset file up front, so a bad record fails the run before any
     GPU time is spent. All problems are collected and reported together, with file:line.
     `max_samples`: only the file's first N records (LLaMA-Factory's max_samples), the rest unread.
@@ -122,6 +140,8 @@ def load_samples(path, video_root, num_classes, label_space="default", require_l
     samples, problems, bad_videos = [], [], []
     for lineno, record in itertools.islice(read_records(path), max_samples):
         where = f"{path}:{lineno}"
+        if columns or tags:
+            record = renamed_record(record, columns, tags)
         found = record_problems(record, num_classes, require_label)
         problems += [f"{where}: {p}" for p in found]
         if found:
@@ -216,12 +236,40 @@ def prompt_text(processor, messages):
     return text[: text.index(ACT_TOKEN) + len(ACT_TOKEN)]
 
 
+def answer_turn(processor, messages):
+    """(prompt, answer): the chat-formatted conversation up to the assistant turn that holds <ACT>
+    (generation prompt included), and that turn as the template renders it (content and end of
+    turn: what LLaMA-Factory's SFT labels cover). Turns after it are left out."""
+    last = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and ACT_TOKEN in m["content"])
+    prompt = processor.apply_chat_template(prompt_messages(messages[:last]), tokenize=False,
+                                           add_generation_prompt=True)
+    text = processor.apply_chat_template(prompt_messages(messages[:last + 1]), tokenize=False)
+    if not text.startswith(prompt):
+        raise DataError("the chat template renders the conversation without the generation prompt as its "
+                        "prefix; action_cls_token_loss_weight > 0 cannot find the answer's tokens")
+    return prompt, text[len(prompt):]
+
+
+def answer_token_count(tokenizer, prompt, answer, source):
+    """How many tokens the answer adds after the prompt (the video placeholder expands inside the
+    prompt, so this count holds for the processor's tokens too)."""
+    prompt_ids, ids = tokenizer(prompt)["input_ids"], tokenizer(prompt + answer)["input_ids"]
+    if ids[:len(prompt_ids)] != prompt_ids:  # a merge across the boundary would blur the answer's start
+        raise DataError(f"{source}: the prompt's tokens change when the answer follows them; "
+                        f"action_cls_token_loss_weight > 0 cannot find the answer's tokens")
+    return len(ids) - len(prompt_ids)
+
+
 class Collator:
     """Runs the processor on a list of dataset items (in DataLoader workers) and adds `act_index`,
-    `labels` and `label_space`. A batch holds a single label space."""
+    `labels` and `label_space`. A batch holds a single label space.
 
-    def __init__(self, processor, act_token_id):
-        self.processor, self.act_token_id = processor, act_token_id
+    answer_tokens (action_cls_token_loss_weight > 0): the text runs to the end of the answer
+    instead of stopping at <ACT>, and `answer_mask` (B, L) marks the answer's tokens, the LM loss's
+    targets."""
+
+    def __init__(self, processor, act_token_id, answer_tokens=False):
+        self.processor, self.act_token_id, self.answer_tokens = processor, act_token_id, answer_tokens
 
     def __call__(self, items):
         from transformers.video_utils import VideoMetadata  # here, not at the top: workers import it once
@@ -231,8 +279,13 @@ class Collator:
             raise ValueError(f"a batch mixes label spaces {sorted(spaces)}; batch each label space on its own")
         metadata = [VideoMetadata(total_num_frames=it["info"].num_frames, fps=it["info"].fps,
                                   frames_indices=it["indices"].tolist()) for it in items]
+        if self.answer_tokens:
+            turns = [answer_turn(self.processor, it["sample"].messages) for it in items]
+            texts = [prompt + answer for prompt, answer in turns]
+        else:
+            texts = [prompt_text(self.processor, it["sample"].messages) for it in items]
         batch = self.processor(
-            text=[prompt_text(self.processor, it["sample"].messages) for it in items],
+            text=texts,
             videos=[it["frames"] for it in items], video_metadata=metadata, do_resize=False,
             do_sample_frames=False, padding=True, return_tensors="pt")
         is_act = batch["input_ids"] == self.act_token_id
@@ -241,13 +294,17 @@ class Collator:
             raise DataError(f"{bad}: the tokenized prompt must hold exactly one <ACT> token; check that the "
                             f"records' text has no other {ACT_TOKEN} and the chat template keeps it")
         labels = [it["sample"].label if it["valid"] else None for it in items]
+        # Every tensor the family's processor returns goes to its forward: input_ids, attention_mask,
+        # pixel_values_videos, video_grid_thw, mm_token_type_ids (M-RoPE), and Qwen2.5-VL's
+        # second_per_grid_ts; Qwen3-VL puts the frame times into the text instead.
+        inputs = {key: value for key, value in batch.items() if torch.is_tensor(value)}
+        inputs["act_index"] = is_act.int().argmax(1)
+        if self.answer_tokens:
+            counts = [answer_token_count(self.processor.tokenizer, prompt, answer, it["sample"].source)
+                      for (prompt, answer), it in zip(turns, items)]
+            inputs["answer_mask"] = answer_mask(batch["attention_mask"], torch.tensor(counts))
         return {
-            "inputs": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                       "mm_token_type_ids": batch["mm_token_type_ids"],
-                       "pixel_values_videos": batch["pixel_values_videos"],
-                       "video_grid_thw": batch["video_grid_thw"],
-                       "second_per_grid_ts": batch["second_per_grid_ts"],
-                       "act_index": is_act.int().argmax(1)},
+            "inputs": inputs,
             "labels": torch.tensor([-100 if label is None else label for label in labels]),
             "label_space": spaces.pop(),
             "index": torch.tensor([it["index"] for it in items]),
@@ -257,19 +314,46 @@ class Collator:
         }
 
 
-def sample_lengths(dataset):
-    """Each sample's video token count (the <|video_pad|> tokens the processor will emit), from a probe
-    of the file, no decoding: (frames / 2) x (height / 28) x (width / 28) after Qwen2.5-VL's resize.
-    The length proxy for group_by_length; the text part is left out, since a dataset's prompts are
-    usually one template. Computed once per run (a probe is ~1 ms for AVI/MP4; WebM demuxes packets)."""
+def answer_mask(attention_mask, counts):
+    """(B, L) True at each row's last counts[i] real tokens: the answer, which ends the text. Rows
+    are padded on the right (load_processor)."""
+    lengths = attention_mask.sum(1, keepdim=True)
+    positions = torch.arange(attention_mask.shape[1])
+    return (positions >= lengths - counts[:, None]) & (positions < lengths)
+
+
+def sample_lengths(dataset, text_per_group=0):
+    """Each sample's video token count, from a probe of the file, no decoding: per temporal patch
+    (temporal_patch_size frames), (height / factor) x (width / factor) <|video_pad|> tokens after the
+    family's resize, plus `text_per_group` (video_text_per_group: Qwen3-VL's "<1.5 seconds>" and
+    vision start/end tokens). The length proxy for group_by_length; the prompt is left out, since a
+    dataset's prompts are usually one template. Computed once per run (a probe is ~1 ms for AVI/MP4;
+    WebM demuxes packets)."""
     s = dataset.settings
     lengths = []
     for sample in dataset.samples:
         info = probe_video(sample.video)
-        n = num_frames_to_sample(info, s.video_fps, s.video_maxlen, s.video_num_frames)
-        height, width = frame_size(info, s.video_min_pixels, s.video_max_pixels)
-        lengths.append(n // 2 * (height // 28) * (width // 28))
+        n = num_frames_to_sample(info, s.video_fps, s.video_maxlen, s.video_num_frames, s.temporal_patch_size)
+        height, width = frame_size(info, *s.budget)
+        groups = n // s.temporal_patch_size
+        lengths.append(groups * ((height // s.resize_factor) * (width // s.resize_factor) + text_per_group))
     return np.asarray(lengths, dtype=np.int64)
+
+
+def video_text_per_group(processor, act_token_id):
+    """Text tokens the processor writes per temporal patch of a video besides its <|video_pad|>
+    tokens (0 for Qwen2.5-VL; Qwen3-VL writes "<t seconds>" and vision start/end each time). Measured
+    on the processor itself: a blank clip of two temporal patches minus one of one patch."""
+    geometry = vision_geometry(processor)
+    side, step = geometry["resize_factor"], geometry["temporal_patch_size"]
+    lengths = []
+    for frames in (step, 2 * step):
+        item = {"sample": Sample(None, [{"role": "user", "content": "<video>"},
+                                        {"role": "assistant", "content": ACT_TOKEN}], 0, "default", "probe"),
+                "frames": np.zeros((frames, side, side, 3), np.uint8), "indices": np.arange(frames),
+                "info": VideoInfo(frames, 2.0, side, side), "valid": True, "index": 0, "skipped": []}
+        lengths.append(Collator(processor, act_token_id)([item])["inputs"]["input_ids"].shape[1])
+    return lengths[1] - lengths[0] - 1  # one patch of side x side is one <|video_pad|> token
 
 
 def group_by_length(order, lengths, per_step, chunk_steps=50):
@@ -389,7 +473,7 @@ def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0,
         space = entry.get("label_space", "default")
         spaces.append(space)
         part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label,
-                                 max_samples=max_samples)
+                                 columns=entry.get("columns"), tags=entry.get("tags"), max_samples=max_samples)
         samples, bad_videos = samples + part, bad_videos + bad
         counts.append(len(part))
         weights.append(float(entry.get("weight", 1.0)))
@@ -509,7 +593,9 @@ class EpochBatches:
 def batch_stream(mix, collate, cfg, layout, start):
     """Yields (epoch, position, batch) from start = (epoch, position) on, where (epoch, position) is
     where the next batch comes from: what a checkpoint records to resume mid-epoch."""
-    lengths = sample_lengths(mix.dataset) if cfg.group_by_length else None  # one probe per clip, once
+    lengths = None
+    if cfg.group_by_length:  # one probe per clip, once
+        lengths = sample_lengths(mix.dataset, video_text_per_group(collate.processor, collate.act_token_id))
     plan = EpochBatches(mix, layout, cfg.seed, start, lengths)
     epoch, position = start
     for batch in make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed):

@@ -23,7 +23,8 @@ import torch
 from config import ConfigError, head_sizes, saved_config, video_settings
 from data import Collator, DataError, Sample, VideoDataset, load_samples, make_loader
 from evaluation import batch_probabilities, class_names, eval_views
-from model import ACT_TOKEN, CheckpointError, build_classifier, load_exported, load_processor, load_weights
+from model import (ACT_TOKEN, CheckpointError, build_classifier, load_exported, load_processor, load_weights,
+                   vision_geometry)
 from prepare.records import DEFAULT_MESSAGES
 from video import VideoSettings
 
@@ -74,7 +75,7 @@ class VideoClassifier:
             if len(classes[space]) != head.config["num_classes"]:
                 raise CheckpointError(f"{checkpoint}/classes.json: {len(classes[space])} class names for label space "
                                       f"{space!r}, but its head has {head.config['num_classes']} outputs")
-        return cls(model.to(device).eval(), processor, classes, video_settings(cfg), eval_views(cfg), DEFAULT_MESSAGES,
+        return cls(model.to(device).eval(), processor, classes, video_settings(cfg, vision_geometry(processor)), eval_views(cfg), DEFAULT_MESSAGES,
                    cfg.bf16, device)
 
     @classmethod

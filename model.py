@@ -1,15 +1,25 @@
 """The VLM backbone + <ACT> token + ActionDecoder heads, as one module whose forward returns logits.
 
-    batch -> Qwen2.5-VL inner model (LoRA/DoRA) -> last hidden state at <ACT> -> ActionDecoder -> logits
+    batch -> Qwen-VL inner model (LoRA/DoRA) -> last hidden state at <ACT> -> ActionDecoder -> logits
+
+One code path for every Qwen-VL family in transformers (qwen2_vl, qwen2_5_vl, qwen3_vl,
+qwen3_vl_moe, qwen3_5, qwen3_5_moe), chosen by model_name_or_path alone. What differs is read from
+the model and its processor: the forward's extra inputs (whatever the processor returns, see
+data.Collator), the frame geometry (vision_geometry), the vocabulary (load_vlm). Module names are
+the same in all six (LM_PREFIX and the rest below).
 
 Design choices, each for a reason:
-- The forward goes through the inner `Qwen2_5_VLModel` (`vlm.model`), never the LM head: a
-  classifier needs one hidden state per sample, not 151,936-way logits at every position.
+- The forward goes through the inner model (`vlm.model`: Qwen2_5_VLModel, Qwen3VLModel, ...), never
+  the LM head: a classifier needs one hidden state per sample, not 151,936-way (Qwen3.5: 248,320)
+  logits at every position.
+  (With action_cls_token_loss_weight > 0, the LM head runs at the answer's positions only.)
+- A `transformer` head also reads the video tokens' last-layer states, from the same forward.
 - The `<ACT>` row is its own parameter (`act_embedding`), written into the embedded sequence where
-  the token sits. The 151,936-row table stays frozen, so no other row can move (no gradient masks,
+  the token sits by a forward hook on the input embedding (the model's forward itself runs from
+  input_ids, untouched). The table stays frozen, so no other row can move (no gradient masks,
   no weight decay leaking into frozen rows) and the optimizer holds one row of state, not the table.
 - Inputs arrive cut right after `<ACT>` (see data.py): with causal attention nothing after it can
-  change its hidden state.
+  change its hidden state. With the token loss on, they are cut after the answer's last token.
 """
 
 import hashlib
@@ -21,19 +31,24 @@ import zipfile
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from config import ConfigError, write_config
-from decoder import ActionDecoder
+from config import IVCP_TRANSFORMER_HEAD, ConfigError, write_config
+from decoder import TRANSFORMER_TYPES, ActionDecoder, from_ivcp, ivcp_decoder_type
 
 ACT_TOKEN = "<ACT>"
+# Module names, the same in every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE)):
 LM_PREFIX = "model.language_model."
+VISION_PREFIX = "model.visual."
 VISION_BLOCKS_PREFIX = "model.visual.blocks."
-MERGER_PREFIX = "model.visual.merger."
+# The multi-modal projector: the merger, plus Qwen3-VL's deepstack mergers, which project
+# intermediate vision features into the first language-model layers.
+PROJECTOR_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
 
 
 class CheckpointError(ValueError):
@@ -47,8 +62,16 @@ def load_processor(path, trust_remote_code=False):
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
     tokenizer.add_special_tokens({"extra_special_tokens": [ACT_TOKEN]}, replace_extra_special_tokens=False)
-    tokenizer.padding_side = "right"  # the <ACT> position is gathered per row, so either side works
+    tokenizer.padding_side = "right"  # data.answer_mask counts each row's answer back from its last real token
     return processor, tokenizer.convert_tokens_to_ids(ACT_TOKEN)
+
+
+def vision_geometry(processor):
+    """The family's frame geometry, from its own video processor: frame sides are multiples of
+    patch_size x merge_size (14 x 2 for Qwen2/2.5-VL, 16 x 2 for Qwen3-VL/3.5) and frame counts of
+    temporal_patch_size. Keyword arguments of video.VideoSettings (config.video_settings)."""
+    video = processor.video_processor
+    return {"resize_factor": video.patch_size * video.merge_size, "temporal_patch_size": video.temporal_patch_size}
 
 
 def load_vlm(cfg, act_token_id):
@@ -73,7 +96,7 @@ def lora_target_names(vlm, cfg):
     if not cfg.freeze_vision_tower:
         prefixes.append(VISION_BLOCKS_PREFIX)
     if not cfg.freeze_multi_modal_projector:
-        prefixes.append(MERGER_PREFIX)
+        prefixes += PROJECTOR_PREFIXES
     names = [name for name, module in vlm.named_modules()
              if isinstance(module, nn.Linear) and name.startswith(tuple(prefixes))
              and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
@@ -102,9 +125,9 @@ def apply_finetuning(vlm, cfg):
             trainable.append(LM_PREFIX + "layers.")
             trainable.append(LM_PREFIX + "norm.")
             if not cfg.freeze_vision_tower:
-                trainable.append("model.visual.")
+                trainable.append(VISION_PREFIX)
             elif not cfg.freeze_multi_modal_projector:
-                trainable.append(MERGER_PREFIX)
+                trainable += PROJECTOR_PREFIXES
         trainable += [f"model.{t}" if not t.startswith("model.") else t for t in additional_targets(cfg)]
         for name, param in vlm.named_parameters():
             if name.startswith(tuple(trainable)):
@@ -120,56 +143,113 @@ def apply_finetuning(vlm, cfg):
 
 
 class ActionClassifier(nn.Module):
-    def __init__(self, vlm, act_token_id, heads, act_row=None):
+    def __init__(self, vlm, act_token_id, heads, act_row=None, video_token_id=None):
         """act_row: the trained <ACT> row (an export's table holds it); by default a new token starts
-        from the mean of the existing vocabulary rows (as LLaMA-Factory does for added tokens)."""
+        from the mean of the existing vocabulary rows (as LLaMA-Factory does for added tokens).
+        video_token_id: the processor's video placeholder token (where the video tokens' states sit,
+        for `transformer` heads); by default the model config's."""
         super().__init__()
         self.vlm = vlm
         self.act_token_id = act_token_id
+        self.video_token_id = video_token_id if video_token_id is not None else vlm.config.video_token_id
         self.heads = nn.ModuleDict(heads)
-        table = self.backbone.get_input_embeddings().weight
-        start = table[:act_token_id].mean(0) if act_row is None else act_row
+        embedding = self.backbone.get_input_embeddings()
+        start = embedding.weight[:act_token_id].mean(0) if act_row is None else act_row
         self.act_embedding = nn.Parameter(start.float().detach().clone())  # fp32: it trains
+        # The backbone's own forward runs unchanged from input_ids in every family (M-RoPE positions,
+        # Qwen3-VL's deepstack and placeholder masks all need input_ids, and Qwen3-VL refuses
+        # input_ids + inputs_embeds together); a forward hook on its input embedding writes the
+        # trainable <ACT> row into the embedded sequence.
+        self.act_row_hook = embedding.register_forward_hook(self.put_act_row)
 
     @property
     def backbone(self):
-        """The inner Qwen2_5_VLModel (vision tower + language model, no LM head). A property, not a
-        submodule, so its parameters are not registered twice."""
+        """The inner model (vision tower + language model, no LM head: Qwen2_5_VLModel, Qwen3VLModel,
+        ...). A property, not a submodule, so its parameters are not registered twice."""
         vlm = self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
         return vlm.model
 
-    def embed(self, input_ids):
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        is_act = (input_ids == self.act_token_id).unsqueeze(-1)
+    def put_act_row(self, embedding, args, embeds):
+        is_act = (args[0] == self.act_token_id).unsqueeze(-1)
         return torch.where(is_act, self.act_embedding.to(embeds.dtype), embeds)
 
+    def last_hidden_state(self, input_ids, **inputs):
+        """The backbone's last-layer hidden states, (B, L, hidden): one forward gives the <ACT> state,
+        the video tokens' states and the answer positions' states alike. `inputs`: the rest of
+        data.Collator's model inputs (attention_mask, pixel_values_videos, video_grid_thw and the
+        family's own keys: mm_token_type_ids, second_per_grid_ts), passed to the backbone as they are."""
+        return self.backbone(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+
     def act_hidden(self, input_ids, act_index, **inputs):
-        """Last-layer hidden state at each row's <ACT> token: (B, hidden). `inputs`: the rest of
-        data.Collator's model inputs (attention_mask, mm_token_type_ids, pixel_values_videos,
-        video_grid_thw, second_per_grid_ts), passed to the backbone as they are."""
-        out = self.backbone(input_ids=input_ids, inputs_embeds=self.embed(input_ids), use_cache=False, **inputs)
+        """Last-layer hidden state at each row's <ACT> token: (B, hidden)."""
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return out.last_hidden_state[rows, act_index]
+        return self.last_hidden_state(input_ids, **inputs)[rows, act_index]
 
-    def forward(self, label_space, **inputs):
-        return self.heads[label_space](self.act_hidden(**inputs))
+    def forward(self, label_space, input_ids, act_index, answer_mask=None, **inputs):
+        """Class logits (B, classes). With `answer_mask` (data.Collator's when
+        action_cls_token_loss_weight > 0): (logits, the LM loss on the answer tokens)."""
+        hidden = self.last_hidden_state(input_ids, **inputs)
+        head = self.heads[label_space]
+        act = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), act_index]
+        logits = head(act, *masked_rows(hidden, input_ids == self.video_token_id)) if head.uses_video else head(act)
+        if answer_mask is None:
+            return logits
+        return logits, self.answer_loss(hidden, input_ids, answer_mask)
+
+    def answer_loss(self, hidden, input_ids, answer_mask):
+        """Mean cross-entropy of each answer token predicted from the position before it: what a causal
+        LM forward with labels = input_ids (-100 outside the answer) computes, but lm_head runs on
+        the answer's positions only, (answer tokens, vocab) instead of (B, L, vocab)."""
+        before = torch.zeros_like(answer_mask)
+        before[:, :-1] = answer_mask[:, 1:]  # the position that predicts each answer token
+        states = hidden[before]
+        lm_head = self.vlm.get_output_embeddings()
+        logits = lm_head(states)
+        if lm_head.weight is self.backbone.get_input_embeddings().weight:
+            # tied (Qwen2.5-VL-3B): the <ACT> row is act_embedding in the table, so in the LM head too,
+            # as in the exported model (merged_backbone writes it into the shared table)
+            logits[:, self.act_token_id] = states @ self.act_embedding.to(states.dtype)
+        return F.cross_entropy(logits.float(), input_ids[answer_mask])
 
 
-def build_classifier(cfg, head_sizes):
-    """head_sizes: {label_space: num_classes}. Returns (processor, ActionClassifier)."""
-    processor, act_token_id = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+def masked_rows(hidden, mask):
+    """hidden (B, L, H), mask (B, L) -> each row's masked positions in order, (B, N, H) zero-padded to
+    the row with the most (N), and (B, N) True where a state is real."""
+    counts = mask.sum(1)
+    n = int(counts.max())
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]  # masked positions first, in order
+    valid = torch.arange(n, device=mask.device) < counts[:, None]
+    states = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return states.masked_fill(~valid.unsqueeze(-1), 0), valid
+
+
+def build_classifier(cfg, head_sizes, processor=None):
+    """head_sizes: {label_space: num_classes}; processor: load_processor's, when the caller has it
+    already. Returns (processor, ActionClassifier)."""
+    if processor is None:
+        processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+    act_token_id = processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN)
     vlm = apply_finetuning(load_vlm(cfg, act_token_id), cfg)
     hidden = vlm.config.get_text_config().hidden_size
+    if cfg.action_decoder_type in TRANSFORMER_TYPES and hidden % cfg.action_decoder_num_heads:
+        raise ConfigError(f"action_decoder_num_heads={cfg.action_decoder_num_heads} must divide the hidden size of "
+                          f"{cfg.model_name_or_path} ({hidden}); pick a divisor of {hidden}")
     heads = {}
     for space, num_classes in head_sizes.items():
         if cfg.action_decoder_path is not None and len(head_sizes) == 1:
             heads[space] = pretrained_head(cfg.action_decoder_path)
         else:
-            heads[space] = ActionDecoder(hidden, num_classes, cfg.action_decoder_type, cfg.action_decoder_hidden_size)
+            heads[space] = ActionDecoder(hidden, num_classes, cfg.action_decoder_type, cfg.action_decoder_hidden_size,
+                                         cfg.action_decoder_num_transformer_layers, cfg.action_decoder_num_heads,
+                                         cfg.action_decoder_dropout)
+        if heads[space].config["hidden_size"] != hidden:
+            raise ConfigError(f"action_decoder_path {cfg.action_decoder_path}: the head reads a hidden state of "
+                              f"size {heads[space].config['hidden_size']}, {cfg.model_name_or_path} gives {hidden}; "
+                              f"it was trained on another base model")
         if heads[space].config["num_classes"] != num_classes:
             raise ConfigError(f"action_decoder_path {cfg.action_decoder_path} has "
                               f"{heads[space].config['num_classes']} classes, the config says {num_classes}")
-    return processor, ActionClassifier(vlm, act_token_id, heads)
+    return processor, ActionClassifier(vlm, act_token_id, heads, video_token_id=processor.video_token_id)
 
 
 def merged_backbone(model):
@@ -205,7 +285,12 @@ def load_exported(directory, act_token_id, spaces, dtype, attn_implementation="s
 
 
 def pretrained_head(directory):
-    """action_decoder_path: a folder ActionDecoder.save_pretrained wrote."""
+    """action_decoder_path: a folder ActionDecoder.save_pretrained wrote, or IVCP's linear/mlp head."""
+    ivcp_type = ivcp_decoder_type(directory)
+    if ivcp_type in ("linear", "mlp"):
+        return from_ivcp(directory)
+    if ivcp_type is not None:
+        raise ConfigError(IVCP_TRANSFORMER_HEAD.format(path=directory))
     if not os.path.isfile(os.path.join(directory, "action_decoder.json")):
         raise ConfigError(f"action_decoder_path {directory}: no action_decoder.json there; point it at a folder "
                           f"ActionDecoder.save_pretrained wrote (a checkpoint's heads/<label_space>)")
@@ -366,13 +451,34 @@ def load_optimizer_state(path, model, optimizer):
 # classes.json, trainer_state.json (with the base model's fingerprint), rng_rank*.pt
 
 def base_model_fingerprint(cfg):
-    """Which base weights a checkpoint's adapters belong to: the path and its config's hash."""
+    """Which base weights a checkpoint's adapters belong to: the path, the family (model_type:
+    qwen2_5_vl, qwen3_vl, ...) and its config's hash."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"model_name_or_path": cfg.model_name_or_path, "config_sha256": digest}
+    return {"model_name_or_path": cfg.model_name_or_path, "model_type": config.model_type, "config_sha256": digest}
+
+
+def check_base_model(directory, cfg):
+    """A checkpoint's weights only fit the base model they were trained on (its trainer_state.json
+    says which): another family is one error, another size or config of the same family another."""
+    with open(os.path.join(directory, "trainer_state.json")) as f:
+        saved_base = json.load(f).get("base_model")
+    if saved_base is None:  # written before fingerprints existed
+        return
+    base = base_model_fingerprint(cfg)
+    saved_type = saved_base.get("model_type")
+    if saved_type is not None and saved_type != base["model_type"]:
+        raise CheckpointError(f"{directory} was trained on a {saved_type} model ({saved_base['model_name_or_path']}), "
+                              f"but this config's model_name_or_path {base['model_name_or_path']} is a "
+                              f"{base['model_type']} model: a checkpoint only loads onto its own family; point "
+                              f"model_name_or_path at the checkpoint's base model")
+    if saved_base["config_sha256"] != base["config_sha256"]:
+        raise CheckpointError(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
+                              f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
+                              f"point model_name_or_path at the checkpoint's base model")
 
 
 def gather_training_state(model, optimizer, keep=True):
@@ -440,11 +546,8 @@ def load_checkpoint(directory, model, cfg):
         raise CheckpointError(f"{directory}: the checkpoint cannot be read ({problem})")
     with open(os.path.join(directory, "trainer_state.json")) as f:
         state = json.load(f)
-    saved_base, base = state.pop("base_model", None), base_model_fingerprint(cfg)
-    if saved_base is not None and saved_base["config_sha256"] != base["config_sha256"]:
-        raise CheckpointError(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
-                              f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
-                              f"point model_name_or_path at the checkpoint's base model")
+    state.pop("base_model", None)
+    check_base_model(directory, cfg)
     load_weights(model, directory)
     return state
 

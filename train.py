@@ -36,17 +36,21 @@ from config import (Config, ConfigError, best_metric, head_sizes, parse_config, 
 from data import USER_ERRORS, Collator, DatasetMix, StepLayout, batch_stream, hold_out, load_datasets, steps_per_epoch
 from evaluation import (all_reduce_sums, autocast, check_even_eval_batches, class_names, confusion_image,
                         eval_loader, evaluate, prediction_rows, write_eval_outputs)
-from model import (CheckpointError, build_classifier, build_optimizer, checkpoint_problem, gather_training_state,
-                   load_checkpoint, load_optimizer_state, load_weights, shard_fsdp, write_checkpoint_files)
+from model import (CheckpointError, build_classifier, check_base_model, build_optimizer, checkpoint_problem, gather_training_state,
+                   load_checkpoint, load_optimizer_state, load_processor, load_weights, shard_fsdp, vision_geometry,
+                   write_checkpoint_files)
 
 
 
 def main(argv=None):
+    notes = []  # LLaMA-Factory/IVCP keys: what was translated or ignored, and why
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__)
+        cfg = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__, notes=notes)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     rank, world, device = setup_distributed(cfg.ddp_timeout)
+    for line in notes:
+        print0(line)
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
         if rank == 0:  # an evaluation must not overwrite its training run's config
@@ -154,9 +158,9 @@ class Run:
     state: dict  # step, epoch, position (where the next batch comes from), best_metric: what a checkpoint keeps
 
 
-def load_mix(cfg, entries):
+def load_mix(cfg, entries, geometry):
     training = entries is cfg.train_datasets
-    mix = load_datasets(entries, head_sizes(cfg), video_settings(cfg), cfg.max_bad_video_fraction, cfg.seed,
+    mix = load_datasets(entries, head_sizes(cfg), video_settings(cfg, geometry), cfg.max_bad_video_fraction, cfg.seed,
                         require_label=training, max_samples=cfg.max_samples if training else None)
     if mix.warning is not None:
         print0(mix.warning)
@@ -167,12 +171,14 @@ def train(cfg, rank, world, device):
     torch.manual_seed(cfg.seed + rank)
     check_shared_output_dir(cfg.output_dir, rank, world)
     check_reporters(cfg)
-    train_mix = load_mix(cfg, cfg.train_datasets)
-    eval_mix = load_mix(cfg, cfg.eval_datasets) if cfg.eval_datasets else None
+    processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+    geometry = vision_geometry(processor)  # the family's frame sizes: the datasets scale frames to them
+    train_mix = load_mix(cfg, cfg.train_datasets, geometry)
+    eval_mix = load_mix(cfg, cfg.eval_datasets, geometry) if cfg.eval_datasets else None
     if cfg.val_size > 0:  # the held-out part is the eval set (config.py refuses val_size with eval_datasets)
         train_mix, eval_mix = hold_out(train_mix, cfg.val_size, cfg.seed)
         print0(f"val_size {cfg.val_size}: {len(eval_mix.dataset)} training samples held out for evaluation")
-    processor, model = build_classifier(cfg, head_sizes(cfg))
+    processor, model = build_classifier(cfg, head_sizes(cfg), processor)
     model.to(device).train()  # from_pretrained leaves the VLM in eval mode: no dropout, no gradient checkpointing
     collate = Collator(processor, model.act_token_id)
     evals = eval_loader(eval_mix, collate, cfg, world, rank) if eval_mix else None
@@ -193,7 +199,9 @@ def train(cfg, rank, world, device):
     if start is not None:
         load_training_state(start, model, optimizer, scheduler, state["step"], rank)
         print0(f"resumed from {start} at step {state['step']}")
-    batches = batch_stream(train_mix, collate, cfg, layout, (state["epoch"], state["position"]))
+    # training batches carry the answer's tokens only when the token loss needs them; evaluation never does
+    train_collate = Collator(processor, model.act_token_id, answer_tokens=cfg.action_cls_token_loss_weight > 0)
+    batches = batch_stream(train_mix, train_collate, cfg, layout, (state["epoch"], state["position"]))
     run = Run(cfg, rank, world, device, model, wrapped, optimizer, scheduler, batches, train_mix, eval_mix, evals,
               classes={**(eval_mix.classes if eval_mix else {}), **train_mix.classes}, steps=steps,
               log=MetricsLog(cfg, rank == 0, after_step=state["step"]), stop=StopSignal(), state=state)
@@ -266,12 +274,19 @@ class Tally:
 
 
 def train_micro_step(run, batch):
+    """Backward of CE (+ action_cls_token_loss_weight x the answer's LM loss, when the batch carries
+    answer_mask). The Tally counts the CE alone, comparable to the evaluation loss."""
     with autocast(run.cfg, run.device):
-        logits = run.wrapped(batch["label_space"], **to_device(batch["inputs"], run.device)).float()
+        out = run.wrapped(batch["label_space"], **to_device(batch["inputs"], run.device))
+    logits, lm_loss = out if isinstance(out, tuple) else (out, None)
     labels = batch["labels"].to(run.device)
-    loss = F.cross_entropy(logits, labels)
-    (loss / run.cfg.gradient_accumulation_steps).backward()
-    return Tally(loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels))
+    loss = F.cross_entropy(logits.float(), labels)
+    total = loss if lm_loss is None else loss + run.cfg.action_cls_token_loss_weight * lm_loss
+    (total / run.cfg.gradient_accumulation_steps).backward()
+    ce = loss.item()
+    if lm_loss is not None and not math.isfinite(lm_loss.item()):
+        ce = math.nan  # so a non-finite LM loss stops the run as a non-finite CE does
+    return Tally(ce * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels))
 
 
 def train_step(run, skipped):
@@ -418,8 +433,11 @@ def log_train(run, window, num_skipped, elapsed):
 def run_eval_only(cfg, rank, world, device):
     """Evaluates cfg.checkpoint (weights only, no optimizer) with eval_num_clips x eval_num_crops
     views; writes eval.json, predictions.jsonl and confusion_<dataset>.png to output_dir."""
-    mix = load_mix(cfg, cfg.eval_datasets)
-    processor, model = build_classifier(cfg, head_sizes(cfg))
+    processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
+    mix = load_mix(cfg, cfg.eval_datasets, vision_geometry(processor))
+    processor, model = build_classifier(cfg, head_sizes(cfg), processor)
+    if os.path.isfile(os.path.join(cfg.checkpoint, "trainer_state.json")):
+        check_base_model(cfg.checkpoint, cfg)
     load_weights(model.to(device), cfg.checkpoint)
     loader = eval_loader(mix, Collator(processor, model.act_token_id), cfg, world, rank)
     results, probs, skipped = evaluate(model, loader, mix, cfg, device)

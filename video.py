@@ -36,6 +36,16 @@ class VideoSettings:
     video_min_pixels: int
     video_max_pixels: int
     video_cache_dir: str | None = None  # see cached_clip
+    # The model family's vision geometry (model.vision_geometry reads it from the processor): frame
+    # sides are multiples of patch_size x merge_size (28 for Qwen2/2.5-VL, 32 for Qwen3-VL/3.5), and
+    # frame counts multiples of temporal_patch_size (every Qwen-VL patches time in pairs).
+    resize_factor: int = 28
+    temporal_patch_size: int = 2
+
+    @property
+    def budget(self):
+        """What fixes a frame's scaled size (frame_size's arguments after info), and a cache file's."""
+        return self.video_min_pixels, self.video_max_pixels, self.resize_factor
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,20 +279,21 @@ def load_clip(path, choose, size_for=None):
         return video.info, indices, video.decode(indices, size)
 
 
-def frame_size(info, min_pixels, max_pixels):
-    """(height, width) the frames are scaled to: Qwen2.5-VL's rule, sides multiples of 28."""
-    return smart_resize(info.height, info.width, 28, min_pixels, max_pixels)
+def frame_size(info, min_pixels, max_pixels, factor=28):
+    """(height, width) the frames are scaled to: the Qwen-VL rule, sides multiples of `factor` (the
+    processor's patch_size x merge_size: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL/3.5)."""
+    return smart_resize(info.height, info.width, factor, min_pixels, max_pixels)
 
 
-def num_frames_to_sample(info, video_fps, video_maxlen, video_num_frames):
+def num_frames_to_sample(info, video_fps, video_maxlen, video_num_frames, temporal_patch_size=2):
     """LLaMA-Factory's rule, min(maxlen, floor(duration * fps), frame count), or a fixed count; always
-    even and >= 2, because Qwen2.5-VL patches time in pairs (odd counts round down). A clip with fewer
-    frames than that repeats frames (see sample_indices)."""
+    a multiple of temporal_patch_size and at least one patch, because Qwen-VL patches time in pairs
+    (odd counts round down). A clip with fewer frames than that repeats frames (see sample_indices)."""
     if video_num_frames is not None:
         n = video_num_frames
     else:
         n = min(video_maxlen, math.floor(info.num_frames / info.fps * video_fps), info.num_frames)
-    return max(2, n - n % 2)
+    return max(temporal_patch_size, n - n % temporal_patch_size)
 
 
 def sample_indices(num_frames, n, rng=None, offset=0.5):
@@ -299,7 +310,7 @@ def sample_indices(num_frames, n, rng=None, offset=0.5):
 
 
 def smart_resize(height, width, factor, min_pixels, max_pixels):
-    """Qwen2-VL's resize rule: sides multiples of `factor` (28), area within [min_pixels, max_pixels],
+    """Qwen2-VL's resize rule: sides multiples of `factor` (28 or 32), area within [min_pixels, max_pixels],
     aspect ratio kept."""
     h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
@@ -329,10 +340,10 @@ CACHE_MAGIC = b"actcls-frames-v1\n"  # bump when decoding or scaling changes pix
 CACHE_HEADER = 4096  # bytes: magic + JSON, space-padded; the frames follow
 
 
-def cache_file(cache_dir, path, min_pixels, max_pixels):
+def cache_file(cache_dir, path, min_pixels, max_pixels, factor=28):
     stat = os.stat(path)
-    key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, min_pixels, max_pixels,
-                      CACHE_MAGIC.decode()])
+    scale = [min_pixels, max_pixels] + ([factor] if factor != 28 else [])  # 28: the files written before 32 existed
+    key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, *scale, CACHE_MAGIC.decode()])
     digest = hashlib.sha1(key.encode()).hexdigest()
     return os.path.join(cache_dir, digest[:2], digest + ".frames")
 
@@ -372,16 +383,16 @@ def _write_cache(file, info, frames):
             os.remove(tmp)
 
 
-def cached_clip(path, cache_dir, min_pixels, max_pixels):
-    """(info, frames): every frame of the clip at frame_size(info, min_pixels, max_pixels), from the
-    cache when it holds the clip (no video is opened), else decoded and written to it."""
-    file = cache_file(cache_dir, path, min_pixels, max_pixels)
+def cached_clip(path, cache_dir, min_pixels, max_pixels, factor=28):
+    """(info, frames): every frame of the clip at frame_size(info, min_pixels, max_pixels, factor),
+    from the cache when it holds the clip (no video is opened), else decoded and written to it."""
+    file = cache_file(cache_dir, path, min_pixels, max_pixels, factor)
     hit = _read_cache(file)
     if hit is not None:
         return hit
     with _VideoFile(path) as video:
         info = video.info
-        frames = video.decode(range(info.num_frames), frame_size(info, min_pixels, max_pixels))
+        frames = video.decode(range(info.num_frames), frame_size(info, min_pixels, max_pixels, factor))
     _write_cache(file, info, frames)
     return info, frames
 
@@ -399,10 +410,11 @@ def load_sampled(path, settings, rng=None, view=SINGLE_VIEW):
     clip, num_clips, crop, num_crops = view
 
     def choose(info):
-        n = num_frames_to_sample(info, settings.video_fps, settings.video_maxlen, settings.video_num_frames)
+        n = num_frames_to_sample(info, settings.video_fps, settings.video_maxlen, settings.video_num_frames,
+                                 settings.temporal_patch_size)
         return sample_indices(info.num_frames, n, rng, offset=(clip + 0.5) / num_clips)
 
-    budget = settings.video_min_pixels, settings.video_max_pixels
+    budget = settings.budget
     if settings.video_cache_dir is not None:  # all frames of the clip, already scaled; pick on read
         info, frames = cached_clip(path, settings.video_cache_dir, *budget)
         indices = choose(info)
@@ -415,7 +427,7 @@ def load_sampled(path, settings, rng=None, view=SINGLE_VIEW):
 def spatial_crop(frames, crop, num_crops):
     """Crop `crop` of `num_crops` (1: the whole frame; 3: the start, centre and end of the longer side,
     as squares of the shorter side: the 3-crop test of the action recognition literature). The frames
-    are already scaled, so sides stay multiples of 28."""
+    are already scaled, so sides stay multiples of the resize factor."""
     if num_crops == 1:
         return frames
     height, width = frames.shape[1:3]

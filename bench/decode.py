@@ -50,7 +50,7 @@ import data  # noqa: E402
 import video  # noqa: E402
 from config import parse_config, video_settings  # noqa: E402
 from data import StepLayout  # noqa: E402
-from model import ACT_TOKEN  # noqa: E402
+from model import ACT_TOKEN, vision_geometry  # noqa: E402
 from prepare.records import DEFAULT_MESSAGES as MESSAGES  # noqa: E402
 from prepare.synthetic import textured_clip, write_video  # noqa: E402
 from prepare.tiny_model import build_processor  # noqa: E402
@@ -201,7 +201,8 @@ def time_loader(args):
               f"{args.batches} batches after the first (wall clock)")
         for cache_dir in (None, cache):
             cfg = dataclasses.replace(cfg, video_cache_dir=cache_dir)
-            mix = data.load_datasets(cfg.train_datasets, {"default": cfg.num_action_classes}, video_settings(cfg),
+            mix = data.load_datasets(cfg.train_datasets, {"default": cfg.num_action_classes},
+                                     video_settings(cfg, vision_geometry(processor)),
                                      cfg.max_bad_video_fraction, cfg.seed)
             dataset = mix.dataset
             batches = data.train_batches(mix.counts, mix.weights, StepLayout(cfg.per_device_train_batch_size, 1, 1, 0), 0,

@@ -2,7 +2,9 @@
 
     python bench/step.py                                   # CPU table: frames 8/16/32 x batch 1/4 (+ checkpointing rows)
     python bench/step.py --frames 16 --batch 4 --steps 2   # one shape
-    python bench/step.py --device cuda --real-3b           # Qwen2.5-VL-3B architecture on a GPU (see bench/RESULTS.md)
+    python bench/step.py --family qwen3_vl                 # the same table for a tiny Qwen3-VL (any family of tests/conftest.py)
+    python bench/step.py --device cuda --real qwen2_5_vl_3b   # Qwen2.5-VL-3B architecture on a GPU (see bench/RESULTS.md)
+    python bench/step.py --device cuda --real qwen3_vl_4b     # Qwen3-VL-4B architecture on a GPU
     python bench/step.py --padding data/synthetic/train.jsonl   # padding fraction with/without length grouping
 
 One step = forward + cross-entropy + backward + clip_grad_norm_ + AdamW step, on one batch built once
@@ -86,16 +88,41 @@ def qwen25_vl_3b_config():
         tie_word_embeddings=True)
 
 
+def qwen3_vl_4b_config():
+    """Qwen/Qwen3-VL-4B-Instruct's architecture (config.json values); the weights will be random."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=151_936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                                "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+            bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True),
+        vision_config=dict(
+            depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+            deepstack_visual_indexes=[5, 11, 17]),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=True)
+
+
+REAL = {"qwen2_5_vl_3b": ("qwen2_5_vl", qwen25_vl_3b_config), "qwen3_vl_4b": ("qwen3_vl", qwen3_vl_4b_config)}
+
+
 def model_config(args):
-    if args.real_3b:
-        config = qwen25_vl_3b_config()
-        if args.smoke:  # the 3B code path with 1 layer each, to check it runs (not a benchmark)
+    if args.real:
+        config = REAL[args.real][1]()
+        if args.smoke:  # the real code path with 1 layer each, to check it runs (not a benchmark)
             config.text_config.num_hidden_layers, config.vision_config.depth = 1, 1
-            config.vision_config.fullatt_block_indexes = [0]
+            if hasattr(config.vision_config, "fullatt_block_indexes"):
+                config.vision_config.fullatt_block_indexes = [0]
+            if hasattr(config.vision_config, "deepstack_visual_indexes"):
+                config.vision_config.deepstack_visual_indexes = [0]
         return config
     from prepare.tiny_model import tiny_config
 
-    return tiny_config(args.hidden, args.layers, args.heads, args.vision_depth, args.vision_hidden)
+    return tiny_config(args.hidden, args.layers, args.heads, args.vision_depth, args.vision_hidden, family=args.family)
 
 
 def train_config(args, gradient_checkpointing):
@@ -110,21 +137,21 @@ def train_config(args, gradient_checkpointing):
 def build(args, gradient_checkpointing):
     """(processor, classifier, optimizer, cfg) exactly as model.build_classifier + model.build_optimizer
     make them, but from a config built in memory instead of a checkpoint directory."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from decoder import ActionDecoder
     from model import ACT_TOKEN, ActionClassifier, apply_finetuning, build_optimizer
     from prepare.tiny_model import build_processor
 
-    processor = build_processor(256, args.video_max_pixels)
+    processor = build_processor(256, args.video_max_pixels, family=args.family)
     processor.tokenizer.add_special_tokens({"extra_special_tokens": [ACT_TOKEN]}, replace_extra_special_tokens=False)
     act_id = processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN)
     cfg = train_config(args, gradient_checkpointing)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # as model.load_vlm: frozen base in bf16 under lora
     with torch.device(args.device):
-        vlm = Qwen2_5_VLForConditionalGeneration._from_config(model_config(args), dtype=dtype,
-                                                               attn_implementation=cfg.attn_implementation)
+        vlm = AutoModelForImageTextToText.from_config(model_config(args), dtype=dtype,
+                                                      attn_implementation=cfg.attn_implementation)
     vlm = apply_finetuning(vlm, cfg)
     hidden = vlm.config.get_text_config().hidden_size
     classifier = ActionClassifier(vlm, act_id, {"default": ActionDecoder(hidden, NUM_CLASSES)}).to(args.device)
@@ -138,9 +165,10 @@ def make_batch(processor, act_id, num_frames, batch_size, cut, max_pixels, devic
     from transformers.video_utils import VideoMetadata
 
     from data import Collator, Sample, prompt_messages
+    from model import vision_geometry
     from video import VideoInfo, sample_indices, smart_resize
 
-    h, w = smart_resize(*CLIP_HW, 28, 256, max_pixels)
+    h, w = smart_resize(*CLIP_HW, vision_geometry(processor)["resize_factor"], 256, max_pixels)
     rng = np.random.default_rng(0)
     clip_len = int(num_frames / 2.0 * CLIP_FPS)  # a clip whose 2-fps sampling gives num_frames frames
     items = []
@@ -160,8 +188,7 @@ def make_batch(processor, act_id, num_frames, batch_size, cut, max_pixels, devic
                     for it in items]
         out = processor(text=[text] * batch_size, videos=[it["frames"] for it in items], video_metadata=metadata,
                         do_resize=False, do_sample_frames=False, padding=True, return_tensors="pt")
-        inputs = {k: out[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos",
-                                      "video_grid_thw", "second_per_grid_ts")}
+        inputs = {k: v for k, v in out.items() if torch.is_tensor(v)}  # as data.Collator passes them
         inputs["act_index"] = (out["input_ids"] == act_id).int().argmax(1)
         labels = torch.tensor([it["sample"].label for it in items])
     return {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
@@ -175,8 +202,7 @@ def peer_loss(classifier, inputs, labels):
     all that survives into backward (the logits are freed here, as in a Trainer's compute_loss)."""
     act_index = inputs["act_index"]
     kwargs = {k: v for k, v in inputs.items() if k != "act_index"}
-    out = classifier.vlm(inputs_embeds=classifier.embed(kwargs["input_ids"]), output_hidden_states=True,
-                         use_cache=False, **kwargs)
+    out = classifier.vlm(output_hidden_states=True, use_cache=False, **kwargs)  # the <ACT> row: the classifier's hook
     rows = torch.arange(act_index.shape[0], device=act_index.device)
     logits = classifier.heads["default"](out.hidden_states[-1][rows, act_index])
     return F.cross_entropy(logits.float(), labels)
@@ -287,7 +313,8 @@ def run_worker(args, variant, frames, batch_size, gc):
            "--batch", str(batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
            "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
            "--vision-depth", str(args.vision_depth), "--vision-hidden", str(args.vision_hidden),
-           "--video-max-pixels", str(args.video_max_pixels), "--attn-implementation", args.attn_implementation]
+           "--video-max-pixels", str(args.video_max_pixels), "--attn-implementation", args.attn_implementation,
+           "--family", args.family]
     cmd += ["--gc"] if gc else []
     cmd += ["--bf16"] if args.bf16 else []
     cmd += ["--lora"] if args.lora else []
@@ -385,7 +412,7 @@ def cuda_main(args):
     tflops = peak_tflops(args) if cuda else None
     name = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
     frames = args.frames[0]
-    print(f"# bench/step.py --real-3b on {name}, {time.strftime('%Y-%m-%d %H:%M')}: Qwen2.5-VL-3B architecture, "
+    print(f"# bench/step.py --real {args.real} on {name}, {time.strftime('%Y-%m-%d %H:%M')}: {args.real} architecture, "
           f"random weights, {'bf16 base + autocast' if cfg.bf16 else 'fp32'}, {'LoRA' if args.lora else 'DoRA'} r16 all LM Linears, "
           f"{cfg.attn_implementation}, {frames} frames 320x240 at video_max_pixels {args.video_max_pixels}; "
           f"median of {args.steps} steps after {args.warmup} warm-ups; peak = torch.cuda.max_memory_allocated"
@@ -471,8 +498,10 @@ def padding_main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--real-3b", action="store_true", help="Qwen2.5-VL-3B's architecture (random weights)")
-    p.add_argument("--smoke", action="store_true", help="with --real-3b: 1 layer each, to check the code path")
+    p.add_argument("--real-3b", action="store_true", help="the same as --real qwen2_5_vl_3b")
+    p.add_argument("--real", choices=sorted(REAL), default=None, help="a real architecture (random weights), for GPUs")
+    p.add_argument("--family", default="qwen2_5_vl", help="the tiny model's family (qwen2_vl, qwen3_vl, qwen3_5, ...)")
+    p.add_argument("--smoke", action="store_true", help="with --real: 1 layer each, to check the code path")
     p.add_argument("--frames", type=int, nargs="+", default=None, help="frames per clip (default 8 16 32; 3B: 16)")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 4; 3B: 1 4 8)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default CPU 3, CUDA 10)")
@@ -485,7 +514,7 @@ def parse_args(argv=None):
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--video-max-pixels", type=int, default=16384, help="configs/ucf101.yaml's video_max_pixels")
     p.add_argument("--attn-implementation", default="sdpa")
-    p.add_argument("--bf16", action="store_true", help="bf16 base + autocast (always on with --real-3b)")
+    p.add_argument("--bf16", action="store_true", help="bf16 base + autocast (always on with --real)")
     p.add_argument("--lora", action="store_true", help="plain LoRA instead of DoRA (to see what DoRA's weight norm costs)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (1: steadiest on a shared machine)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, for MFU")
@@ -497,10 +526,13 @@ def parse_args(argv=None):
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.real_3b:
+    if args.real_3b:  # the flag bench/RESULTS.md's first GPU table was made with
+        args.real = "qwen2_5_vl_3b"
+    if args.real:
+        args.family = REAL[args.real][0]
         args.bf16 = True  # configs/ucf101.yaml trains in bf16
-    args.frames = args.frames if args.frames is not None else ([16] if args.real_3b else [8, 16, 32])
-    args.batch = args.batch if args.batch is not None else ([1, 4, 8] if args.real_3b or args.padding else [1, 4])
+    args.frames = args.frames if args.frames is not None else ([16] if args.real else [8, 16, 32])
+    args.batch = args.batch if args.batch is not None else ([1, 4, 8] if args.real or args.padding else [1, 4])
     args.steps = args.steps if args.steps is not None else (10 if args.device == "cuda" else 3)
     return args
 
@@ -511,7 +543,7 @@ def main(argv=None):
         padding_main(args)
     elif args.worker:
         worker(args)
-    elif args.real_3b or args.device == "cuda":
+    elif args.real or args.device == "cuda":
         cuda_main(args)
     else:
         cpu_main(args)

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Qwen2.5-VL checkpoint directory and a small generated dataset,
-both built once per test session from the same prepare/ scripts the demo uses."""
+"""Shared fixtures: tiny random checkpoint directories (Qwen2.5-VL, and one per family for the tests
+that run on every family) and a small generated dataset, built once per test session from the same
+prepare/ scripts the demo uses."""
 
 import os
 import sys
@@ -10,12 +11,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from prepare.synthetic import main as make_synthetic  # noqa: E402
-from prepare.tiny_model import write_tiny_model  # noqa: E402
+from prepare.tiny_model import FAMILIES, write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return write_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-qwen2.5-vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_model_dir(tmp_path_factory, tiny_model_dir):
+    """family name (prepare/tiny_model.py FAMILIES) -> a tiny random checkpoint of that Qwen-VL family,
+    written at most once per session; qwen2_5_vl is `tiny_model_dir` itself."""
+    written = {"qwen2_5_vl": tiny_model_dir}
+
+    def get(family):
+        if family not in written:
+            folder = tmp_path_factory.mktemp("model") / f"tiny-{family}"
+            written[family] = write_tiny_model(str(folder), seed=0, family=family)
+        return written[family]
+    return get
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))  # every Qwen-VL family, by model_type
+def family_model_dir(request, tiny_family_model_dir):
+    """A tiny random checkpoint of each family in turn (tests that take it run once per family)."""
+    return tiny_family_model_dir(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import train
 from config import Config, ConfigError, parse_config
 from data import hold_out
 from inference import VideoClassifier
-from model import build_classifier, checkpoint_problem
+from model import build_classifier, checkpoint_problem, load_processor, vision_geometry
 from test_resume import ROOT, assert_same_training, train_losses
 
 
@@ -39,18 +39,23 @@ def config_error(argv):
 # ---------------------------------------------------------------------------------------------------
 # Datasets: max_samples, val_size
 
-def test_max_samples_reads_the_first_records_of_each_training_set(synthetic_dir):
+@pytest.fixture
+def geometry(tiny_model_dir):
+    return vision_geometry(load_processor(tiny_model_dir)[0])
+
+
+def test_max_samples_reads_the_first_records_of_each_training_set(synthetic_dir, geometry):
     cfg = Config(train_datasets=[{"path": f"{synthetic_dir}/train.jsonl"}],
                  eval_datasets=[{"path": f"{synthetic_dir}/val.jsonl"}], max_samples=10)
-    mix = train.load_mix(cfg, cfg.train_datasets)
+    mix = train.load_mix(cfg, cfg.train_datasets, geometry)
     assert [s.source for s in mix.dataset.samples] == [f"{synthetic_dir}/train.jsonl:{i}" for i in range(1, 11)]
-    assert len(train.load_mix(cfg, cfg.eval_datasets).dataset) == 12  # eval sets are not capped
+    assert len(train.load_mix(cfg, cfg.eval_datasets, geometry).dataset) == 12  # eval sets are not capped
     assert "max_samples: must be > 0" in config_error(["--train_datasets", "[{path: x}]", "--max_samples", "0"])
 
 
-def test_val_size_is_a_seeded_split_by_fraction_or_count(synthetic_dir):
+def test_val_size_is_a_seeded_split_by_fraction_or_count(synthetic_dir, geometry):
     cfg = Config(train_datasets=[{"path": f"{synthetic_dir}/train.jsonl"}])
-    mix = train.load_mix(cfg, cfg.train_datasets)
+    mix = train.load_mix(cfg, cfg.train_datasets, geometry)
     everything = {s.source for s in mix.dataset.samples}
 
     def split(val_size, seed):
@@ -71,7 +76,8 @@ def test_val_size_is_a_seeded_split_by_fraction_or_count(synthetic_dir):
     assert "neither a fraction" in config_error(["--train_datasets", "[{path: x}]", "--val_size", "2.0"])
 
 
-def test_val_size_records_are_evaluated_and_never_trained_on(base_args, synthetic_dir, tmp_path, monkeypatch):
+def test_val_size_records_are_evaluated_and_never_trained_on(base_args, synthetic_dir, geometry, tmp_path,
+                                                             monkeypatch):
     """24 clips, 6 held out, 18 train: 6 steps of 4 cross an epoch, so a split that leaked would
     put held-out clips into batches."""
     trained = []
@@ -84,7 +90,7 @@ def test_val_size_records_are_evaluated_and_never_trained_on(base_args, syntheti
     out = str(tmp_path / "run")
     train.main(base_args + ["--eval_datasets", "[]", "--val_size", "0.25", "--max_steps", "6", "--output_dir", out])
     cfg = Config(train_datasets=[{"path": f"{synthetic_dir}/train.jsonl"}], seed=0)  # synthetic.yaml's seed
-    _, held = hold_out(train.load_mix(cfg, cfg.train_datasets), 0.25, seed=0)
+    _, held = hold_out(train.load_mix(cfg, cfg.train_datasets, geometry), 0.25, seed=0)
     held_sources = {s.source for s in held.dataset.samples}
     assert len(trained) == 24 and len(set(trained)) >= 16
     assert not held_sources & set(trained)
