@@ -181,8 +181,8 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(base_args,
     calls = []
     build = train.build_classifier
 
-    def counted(cfg, sizes):
-        processor, model = build(cfg, sizes)
+    def counted(*args):
+        processor, model = build(*args)
         # a pre-hook: torch's checkpoint stops a recompute as soon as the saved tensors are back, before
         # the MLP returns, so a forward hook would not fire the second time
         model.backbone.language_model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
