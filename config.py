@@ -56,6 +56,7 @@ class Config:
     lora_dropout: float = 0.0
     lora_target: str = "all"  # "all" Linear layers, or names: "q_proj,v_proj"
     use_dora: bool = False
+    use_rslora: bool = False  # rank-stabilised LoRA: adapters scaled by lora_alpha / sqrt(rank), not / rank
     freeze_vision_tower: bool = True  # false: adapters (lora) or full training on the vision blocks too
     freeze_multi_modal_projector: bool = True  # false: the same for the merger
     additional_target: str | None = None  # modules trained fully besides adapters, e.g. "visual.patch_embed"
@@ -82,7 +83,8 @@ class Config:
     max_grad_norm: float = 1.0
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
-    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant | polynomial
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # polynomial: {power: 1.0, lr_end: 1e-7}
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     bf16: bool = False
@@ -96,6 +98,13 @@ class Config:
     save_steps: int = 0  # 0: save at the end only
     save_total_limit: int = 2
     resume: str | None = None  # "auto" (newest complete checkpoint in output_dir) or a checkpoint dir
+    save_only_model: bool = False  # checkpoints without optimizer/RNG state: smaller, but a resume refuses them
+    metric_for_best_model: str = "top1"  # picks checkpoints/best: top1 | top5 | mean_class_acc | loss (eval_ ok)
+    report_to: str | list = "tensorboard"  # none | tensorboard | wandb, or a list of them
+    run_name: str | None = None  # the wandb run's name (default: output_dir's folder name)
+    ddp_timeout: int = 1800  # seconds a collective (or the rendezvous) may wait for the other ranks
+    max_samples: int | None = None  # the first N records of each training dataset
+    val_size: float = 0.0  # hold out this fraction (0 < x < 1) or count (int >= 1) of each training set for eval
     # evaluation
     eval_num_clips: int = 1  # temporal views per video (frame offsets shifted inside each segment)
     eval_num_crops: int = 1  # spatial views: 1 (whole frame) or 3 (start/centre/end squares)
@@ -105,16 +114,23 @@ class Config:
 
 # The allowed values, beyond the types above.
 CHOICES = {"finetuning_type": ("lora", "full", "freeze"), "eval_num_crops": (1, 3),
-           "action_decoder_type": DECODER_TYPES, "lr_scheduler_type": ("cosine", "linear", "constant"),
+           "action_decoder_type": DECODER_TYPES,
+           "lr_scheduler_type": ("cosine", "linear", "constant", "polynomial"),
            "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
 POSITIVE = ("num_action_classes", "lora_rank", "video_fps", "video_maxlen", "video_max_pixels",
             "video_min_pixels", "per_device_train_batch_size", "per_device_eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "logging_steps", "eval_num_clips",
-            "action_decoder_num_transformer_layers", "action_decoder_num_heads")
+            "action_decoder_num_transformer_layers", "action_decoder_num_heads", "ddp_timeout", "max_samples")
 NON_NEGATIVE = ("max_bad_video_fraction", "weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
                 "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "action_token_lr_scale",
-                "head_lr_scale", "action_decoder_dropout", "action_cls_token_loss_weight")
+                "head_lr_scale", "action_decoder_dropout", "action_cls_token_loss_weight", "val_size")
 DATASET_KEYS = {"path", "video_root", "weight", "label_space", "name", "columns", "tags"}
+REPORT_TARGETS = ("none", "tensorboard", "wandb")
+# metric_for_best_model: the eval metric -> whether higher is better. LLaMA-Factory / HF Trainer
+# spell them with an `eval_` prefix, and call top-1 `accuracy`.
+BEST_METRICS = {"top1": True, "top5": True, "mean_class_acc": True, "loss": False}
+METRIC_ALIASES = {"accuracy": "top1", "acc": "top1"}
+SCHEDULER_KWARGS = {"polynomial": {"power", "lr_end"}}  # HF's get_polynomial_decay_schedule_with_warmup
 
 
 def type_ok(value, annotation):
@@ -140,7 +156,17 @@ def coerce_floats(raw):
                 raw[key] = float(value)
             except ValueError:
                 pass
+    kwargs = raw.get("lr_scheduler_kwargs")
+    if isinstance(kwargs, dict):  # {lr_end: 1e-7}: the same YAML quirk one level down
+        raw["lr_scheduler_kwargs"] = {k: float_or_same(v) for k, v in kwargs.items()}
     return raw
+
+
+def float_or_same(value):
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 def config_problems(raw):
@@ -156,12 +182,13 @@ def config_problems(raw):
             problems.append(f"{key}: expected {getattr(hints[key], '__name__', hints[key])}, got {value!r}")
         elif key in CHOICES and value not in CHOICES[key]:
             problems.append(f"{key}: {value!r} is not one of {CHOICES[key]}")
-        elif key in POSITIVE and value <= 0:
+        elif key in POSITIVE and value is not None and value <= 0:
             problems.append(f"{key}: must be > 0, got {value!r}")
         elif key in NON_NEGATIVE and value < 0:
             problems.append(f"{key}: must be >= 0, got {value!r}")
         elif key == "action_decoder_dropout" and value >= 1:
             problems.append(f"{key}: must be < 1 (a probability), got {value!r}")
+    problems += training_key_problems(raw)
     for key in ("train_datasets", "eval_datasets"):
         for i, entry in enumerate(raw.get(key) or []):
             if not isinstance(entry, dict) or "path" not in entry:
@@ -574,6 +601,52 @@ def format_notes(notes):
               "ignored": "ignored (no effect here)"}
     return [f"{titles[kind]}: {key}: {text}" for kind in ("warning", "translated", "ignored")
             for k, key, text in notes if k == kind]
+
+
+def training_key_problems(raw):
+    """The problems of the logging, split, best-checkpoint and schedule keys that one type check
+    cannot catch (values that depend on each other, names within a string)."""
+    problems = []
+    report = raw.get("report_to", "tensorboard")
+    if isinstance(report, (str, list)):
+        unknown = [t for t in report_targets(report) if t not in REPORT_TARGETS]
+        if unknown:
+            problems.append(f"report_to: {unknown} not among {REPORT_TARGETS} (a name, a comma list, or a YAML list)")
+    metric = raw.get("metric_for_best_model", "top1")
+    if isinstance(metric, str) and best_metric(metric) is None:
+        problems.append(f"metric_for_best_model: {metric!r} is not an eval metric here; use one of "
+                        f"{sorted(BEST_METRICS)} (an `eval_` prefix and `accuracy` for top1 are accepted)")
+    val_size = raw.get("val_size", 0)
+    if isinstance(val_size, float) and not isinstance(val_size, bool) and val_size >= 1:
+        problems.append(f"val_size: {val_size} is neither a fraction in (0, 1) nor a whole count (write {int(val_size)})")
+    if isinstance(val_size, (int, float)) and val_size > 0 and raw.get("eval_datasets"):
+        problems.append("val_size holds part of the training set out as the eval set, and eval_datasets is also "
+                        "set: use one of them (LLaMA-Factory refuses the pair too)")
+    kwargs, scheduler = raw.get("lr_scheduler_kwargs") or {}, raw.get("lr_scheduler_type", "cosine")
+    if isinstance(kwargs, dict) and kwargs:
+        allowed = SCHEDULER_KWARGS.get(scheduler, set())
+        if set(kwargs) - allowed:
+            problems.append(f"lr_scheduler_kwargs: {sorted(set(kwargs) - allowed)} not understood by "
+                            f"lr_scheduler_type {scheduler!r}" + (f" (it takes {sorted(allowed)})" if allowed else
+                                                                  " (only polynomial takes power, lr_end)"))
+        elif not all(type_ok(v, float) for v in kwargs.values()):
+            problems.append(f"lr_scheduler_kwargs: expected numbers, got {kwargs}")
+        elif type_ok(lr := raw.get("learning_rate", Config.learning_rate), float) and kwargs.get("lr_end", 0) >= lr:
+            problems.append(f"lr_scheduler_kwargs: lr_end {kwargs['lr_end']} must be below learning_rate {lr}")
+    return problems
+
+
+def report_targets(report_to):
+    """report_to as a list of names: "wandb", "tensorboard,wandb" or [tensorboard, wandb]; "none" -> []."""
+    names = report_to if isinstance(report_to, list) else report_to.split(",")
+    return [str(n).strip() for n in names if str(n).strip() not in ("", "none")]
+
+
+def best_metric(name):
+    """metric_for_best_model -> (eval metric key, higher is better), or None when it is not one."""
+    key = name[len("eval_"):] if name.startswith("eval_") else name
+    key = METRIC_ALIASES.get(key, key)
+    return (key, BEST_METRICS[key]) if key in BEST_METRICS else None
 
 
 def read_yaml(path):

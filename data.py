@@ -8,6 +8,7 @@ A relative video path resolves against the dataset's `video_root`, else the reco
 Frames come from video.py (sampling, exact decoding, scaling, the cache).
 """
 
+import itertools
 import json
 import math
 import multiprocessing
@@ -129,14 +130,15 @@ def renamed_record(record, columns, tags):
 
 
 def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_report=20,
-                 columns=None, tags=None):
+                 columns=None, tags=None, max_samples=None):
     """Reads and validates a whole dataset file up front, so a bad record fails the run before any
     GPU time is spent. All problems are collected and reported together, with file:line.
+    `max_samples`: only the file's first N records (LLaMA-Factory's max_samples), the rest unread.
 
     Returns (samples, bad_videos): records whose video file is missing or empty are not errors here
     but listed in bad_videos, so the caller can apply its tolerance (max_bad_video_fraction)."""
     samples, problems, bad_videos = [], [], []
-    for lineno, record in read_records(path):
+    for lineno, record in itertools.islice(read_records(path), max_samples):
         where = f"{path}:{lineno}"
         if columns or tags:
             record = renamed_record(record, columns, tags)
@@ -464,13 +466,14 @@ def read_class_names(path, num_classes, space):
     return names
 
 
-def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0, require_label=True):
+def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0, require_label=True,
+                  max_samples=None):
     samples, counts, weights, names, spaces, classes, bad_videos = [], [], [], [], [], {}, []
     for entry in entries:
         space = entry.get("label_space", "default")
         spaces.append(space)
         part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label,
-                                 columns=entry.get("columns"), tags=entry.get("tags"))
+                                 columns=entry.get("columns"), tags=entry.get("tags"), max_samples=max_samples)
         samples, bad_videos = samples + part, bad_videos + bad
         counts.append(len(part))
         weights.append(float(entry.get("weight", 1.0)))
@@ -483,6 +486,39 @@ def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0,
     warning = check_bad_videos(bad_videos, len(samples) + len(bad_videos), max_bad_video_fraction)
     return DatasetMix(VideoDataset(samples, settings, seed), names, spaces, counts, weights, classes, bad_videos,
                       warning)
+
+
+def held_out_count(val_size, count):
+    """val_size as a count of one dataset's samples: a fraction rounds up (as Hugging Face datasets'
+    train_test_split does), an int is the count itself."""
+    return math.ceil(val_size * count) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+
+
+def hold_out(mix, val_size, seed):
+    """Splits every training dataset of `mix` into a training part and a held-out part of
+    held_out_count(val_size) samples, picked by a generator seeded with (seed, dataset position):
+    the same split on every rank and every resume. Returns (train_mix, heldout_mix); the held-out
+    samples are in no batch of train_mix, and the eval views sample them (centres, no random offsets)."""
+    parts = {"train": ([], []), "held": ([], [])}  # (samples, counts)
+    start = 0
+    for d, (name, count) in enumerate(zip(mix.names, mix.counts)):
+        samples, start = mix.dataset.samples[start:start + count], start + count
+        k = held_out_count(val_size, count)
+        if not 0 < k < count:
+            raise ConfigError(f"val_size {val_size}: {name} has {count} usable samples, so it would hold out {k} "
+                              f"and train on {count - k}; both need at least one")
+        held = set(np.random.default_rng([seed, d]).permutation(count)[:k].tolist())
+        for which, keep in (("train", lambda i: i not in held), ("held", lambda i: i in held)):
+            chosen = [s for i, s in enumerate(samples) if keep(i)]  # file order
+            parts[which][0].extend(chosen)
+            parts[which][1].append(len(chosen))
+    (train_samples, train_counts), (held_samples, held_counts) = parts["train"], parts["held"]
+    settings = mix.dataset.settings
+    train_mix = DatasetMix(VideoDataset(train_samples, settings, mix.dataset.seed), mix.names, mix.spaces,
+                           train_counts, mix.weights, mix.classes, mix.bad_videos, mix.warning)
+    held_mix = DatasetMix(VideoDataset(held_samples, settings, mix.dataset.seed), [f"{n}_heldout" for n in mix.names],
+                          mix.spaces, held_counts, [1.0] * len(held_counts), mix.classes, [], None)
+    return train_mix, held_mix
 
 
 def ignore_ctrl_c(worker_id):

@@ -116,7 +116,7 @@ def apply_finetuning(vlm, cfg):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          use_dora=cfg.use_dora, target_modules=lora_target_names(vlm, cfg),
+                          use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, target_modules=lora_target_names(vlm, cfg),
                           modules_to_save=additional_targets(cfg) or None)
         vlm = get_peft_model(vlm, lora)
     else:
@@ -136,8 +136,9 @@ def apply_finetuning(vlm, cfg):
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     if cfg.gradient_checkpointing:
-        # non-reentrant: works with frozen inputs and with DDP's no_sync
-        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works with frozen inputs and with DDP's no_sync. Active in train mode only
+        # (train.py puts the model there: from_pretrained leaves it in eval mode).
+        vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return vlm
 
 
@@ -482,16 +483,19 @@ def check_base_model(directory, cfg):
 
 def gather_training_state(model, optimizer, keep=True):
     """(weights, optimizer state) as whole CPU tensors keyed by name: what write_checkpoint_files
-    writes. Under FSDP2 a collective: every rank calls it, ranks with keep=False drop the result."""
+    writes. Under FSDP2 a collective: every rank calls it, ranks with keep=False drop the result.
+    optimizer None (save_only_model): (weights, None)."""
     reshard_fsdp(model)
-    return full_trainable_state(model, keep), optimizer_state(model, optimizer, keep)
+    return full_trainable_state(model, keep), None if optimizer is None else optimizer_state(model, optimizer, keep)
 
 
 def write_checkpoint_files(directory, model, gathered, state, cfg, classes):
-    """gathered: gather_training_state's (weights, optimizer state)."""
+    """gathered: gather_training_state's (weights, optimizer state); no optimizer.pt when that is None
+    (save_only_model: state then says weights_only)."""
     weights, optim = gathered
     save_weights(model, directory, weights)
-    torch.save(optim, os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
+    if optim is not None:
+        torch.save(optim, os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
     write_config(cfg, os.path.join(directory, "config.yaml"))
     with open(os.path.join(directory, "classes.json"), "w") as f:
         json.dump(classes, f)
@@ -512,12 +516,14 @@ def checkpoint_problem(directory):
         return "not a folder"
     try:
         with open(os.path.join(directory, "trainer_state.json")) as f:
-            json.load(f)["step"]
+            trainer = json.load(f)
+        trainer["step"]
         for name in ["trainable.safetensors"] + [os.path.join("heads", space, "action_decoder.safetensors")
                                                  for space in os.listdir(os.path.join(directory, "heads"))]:
             with safe_open(os.path.join(directory, name), "pt"):
                 pass
-        for name in ["optimizer.pt"] + [n for n in os.listdir(directory) if n.startswith("rng_rank")]:
+        optimizer = [] if trainer.get("weights_only") else ["optimizer.pt"]  # save_only_model: weights alone
+        for name in optimizer + [n for n in os.listdir(directory) if n.startswith("rng_rank")]:
             if not os.path.isfile(os.path.join(directory, name)):
                 return f"{name} is missing"
             if not zipfile.is_zipfile(os.path.join(directory, name)):  # torch.save writes zip archives
@@ -531,7 +537,7 @@ def checkpoint_problem(directory):
 
 def load_checkpoint(directory, model, cfg):
     """A resume, part 1: the weights, into the plain model (before DDP or FSDP2 wraps it). Returns
-    the trainer state (step, epoch, position, best_top1)."""
+    the trainer state (step, epoch, position, best_metric, and weights_only for save_only_model)."""
     if not os.path.isfile(os.path.join(directory, "trainer_state.json")):
         raise CheckpointError(f"{directory} is not a checkpoint folder (no trainer_state.json): pass a "
                               f"checkpoints/step_NNNNNNN folder")

@@ -9,7 +9,10 @@ and dicts work (`--train_datasets '[{path: data/x.jsonl}]'`). `main(argv)` is th
 `train` builds the run, `train_loop` runs it.
 """
 
+import dataclasses
+import datetime
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -28,8 +31,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import Config, ConfigError, head_sizes, parse_config, video_settings, write_config
-from data import USER_ERRORS, Collator, DatasetMix, StepLayout, batch_stream, load_datasets, steps_per_epoch
+from config import (Config, ConfigError, best_metric, head_sizes, parse_config, report_targets, video_settings,
+                    write_config)
+from data import USER_ERRORS, Collator, DatasetMix, StepLayout, batch_stream, hold_out, load_datasets, steps_per_epoch
 from evaluation import (all_reduce_sums, autocast, check_even_eval_batches, class_names, confusion_image,
                         eval_loader, evaluate, prediction_rows, write_eval_outputs)
 from model import (CheckpointError, build_classifier, check_base_model, build_optimizer, checkpoint_problem, gather_training_state,
@@ -44,7 +48,7 @@ def main(argv=None):
         cfg = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__, notes=notes)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.ddp_timeout)
     for line in notes:
         print0(line)
     try:
@@ -61,7 +65,10 @@ def main(argv=None):
 # ---------------------------------------------------------------------------------------------------
 # Distributed: torchrun or a plain `python train.py` (world size 1); one code path either way.
 
-def setup_distributed():
+def setup_distributed(timeout_s=1800):
+    """timeout_s (ddp_timeout): how long the rendezvous and every collective wait for the other
+    ranks before failing (PyTorch's default is 30 min; a slow first evaluation or a shared-disk
+    stall on many nodes can need more)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # plain `python train.py`: a world of one, on a free port
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -74,9 +81,48 @@ def setup_distributed():
     else:  # share the CPU cores between the local ranks instead of oversubscribing them
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    except dist.DistStoreError as e:  # the other ranks (nodes) never came: say which setting waited
+        raise SystemExit(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the other ranks did not join "
+                         f"within ddp_timeout={timeout_s}s ({e}). Start every node's torchrun with the same "
+                         f"--nnodes and rendezvous endpoint, or raise ddp_timeout.") from None
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_shared_output_dir(output_dir, rank, world, wait_s=5.0):
+    """Multi-node runs need output_dir on storage every node sees: rank 0 creates each checkpoint's
+    folder and every rank writes its RNG state into it; a resume reads it on every rank. Checked
+    before any step: rank 0 writes a marker with a fresh token, every rank must find it (listing the
+    folder, which makes NFS revalidate its cache; polled for `wait_s`). A collective: all ranks
+    raise the same ConfigError when one cannot see it."""
+    if world == 1:
+        return
+    sent = [(f"{time.time_ns()}-{os.getpid()}", socket.gethostname()) if rank == 0 else None]
+    dist.broadcast_object_list(sent, src=0)
+    (token, writer), = sent
+    marker = f".shared_check_{token}"
+    if rank == 0:
+        with open(os.path.join(output_dir, marker), "w") as f:
+            f.write(socket.gethostname())
+    dist.barrier()
+    deadline = time.monotonic() + wait_s
+    while not (seen := marker in os.listdir(output_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blind = [None] * world
+    dist.all_gather_object(blind, None if seen else (rank, socket.gethostname(), os.path.abspath(output_dir)))
+    dist.barrier()  # every rank has looked: the marker can go
+    if rank == 0:
+        os.remove(os.path.join(output_dir, marker))
+    blind = [b for b in blind if b is not None]
+    if blind:
+        where = ", ".join(f"rank {r} on {host} (looked in {path})" for r, host, path in blind)
+        raise ConfigError(f"output_dir {output_dir} is not shared between the nodes: {where} cannot see the file "
+                          f"rank 0 wrote there on {writer}. Multi-node "
+                          f"runs need output_dir on storage every node mounts at the same path (NFS, Lustre, a "
+                          f"mounted bucket): every rank writes into the checkpoints rank 0 creates, and a resume "
+                          f"reads them on every node.")
 
 
 def print0(*args):
@@ -109,12 +155,13 @@ class Run:
     steps: int  # optimizer steps in the whole run
     log: "MetricsLog"
     stop: "StopSignal"
-    state: dict  # step, epoch, position (where the next batch comes from), best_top1: what a checkpoint keeps
+    state: dict  # step, epoch, position (where the next batch comes from), best_metric: what a checkpoint keeps
 
 
 def load_mix(cfg, entries, geometry):
+    training = entries is cfg.train_datasets
     mix = load_datasets(entries, head_sizes(cfg), video_settings(cfg, geometry), cfg.max_bad_video_fraction, cfg.seed,
-                        require_label=entries is cfg.train_datasets)
+                        require_label=training, max_samples=cfg.max_samples if training else None)
     if mix.warning is not None:
         print0(mix.warning)
     return mix
@@ -122,18 +169,25 @@ def load_mix(cfg, entries, geometry):
 
 def train(cfg, rank, world, device):
     torch.manual_seed(cfg.seed + rank)
+    check_shared_output_dir(cfg.output_dir, rank, world)
+    check_reporters(cfg)
     processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
     geometry = vision_geometry(processor)  # the family's frame sizes: the datasets scale frames to them
     train_mix = load_mix(cfg, cfg.train_datasets, geometry)
     eval_mix = load_mix(cfg, cfg.eval_datasets, geometry) if cfg.eval_datasets else None
+    if cfg.val_size > 0:  # the held-out part is the eval set (config.py refuses val_size with eval_datasets)
+        train_mix, eval_mix = hold_out(train_mix, cfg.val_size, cfg.seed)
+        print0(f"val_size {cfg.val_size}: {len(eval_mix.dataset)} training samples held out for evaluation")
     processor, model = build_classifier(cfg, head_sizes(cfg), processor)
-    model.to(device)
+    model.to(device).train()  # from_pretrained leaves the VLM in eval mode: no dropout, no gradient checkpointing
     collate = Collator(processor, model.act_token_id)
     evals = eval_loader(eval_mix, collate, cfg, world, rank) if eval_mix else None
-    state = {"step": 0, "epoch": 0, "position": 0, "best_top1": None}
+    state = {"step": 0, "epoch": 0, "position": 0, "best_metric": None, "best_metric_name": None}
     start = resume_dir(cfg)
     if start is not None:  # weights first, into the plain model
         state.update(load_checkpoint(start, model, cfg))
+        refuse_weights_only(start, state)
+        carry_best_over(state, cfg)
     if cfg.fsdp and evals is not None:
         check_even_eval_batches(evals, world)
     wrapped = (shard_fsdp(model, device, world) if cfg.fsdp
@@ -150,7 +204,7 @@ def train(cfg, rank, world, device):
     batches = batch_stream(train_mix, train_collate, cfg, layout, (state["epoch"], state["position"]))
     run = Run(cfg, rank, world, device, model, wrapped, optimizer, scheduler, batches, train_mix, eval_mix, evals,
               classes={**(eval_mix.classes if eval_mix else {}), **train_mix.classes}, steps=steps,
-              log=MetricsLog(cfg.output_dir, rank == 0, after_step=state["step"]), stop=StopSignal(), state=state)
+              log=MetricsLog(cfg, rank == 0, after_step=state["step"]), stop=StopSignal(), state=state)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{len(train_mix.dataset)} train samples, {world} rank(s), {steps} steps, {n_train:,} trainable parameters")
     try:
@@ -305,8 +359,13 @@ def total_steps(cfg, mix, layout):
 
 
 def lr_lambda(cfg, steps):
-    """LambdaLR's factor at each step: linear warm-up, then cosine, linear or constant."""
+    """LambdaLR's factor at each step: linear warm-up, then cosine, linear, constant or polynomial.
+    The factor scales every optimizer group alike (heads and <ACT> keep their lr ratios)."""
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * steps)
+    # polynomial: Hugging Face's get_polynomial_decay_schedule_with_warmup after the warm-up: from
+    # learning_rate down to lr_end (default 1e-7) as (1 - progress) ** power, then lr_end.
+    power = cfg.lr_scheduler_kwargs.get("power", 1.0)
+    lr_end = cfg.lr_scheduler_kwargs.get("lr_end", 1e-7)
 
     def factor(step):
         if step < warmup:
@@ -316,6 +375,9 @@ def lr_lambda(cfg, steps):
             return 0.5 * (1 + math.cos(math.pi * progress))
         if cfg.lr_scheduler_type == "linear":
             return max(0.0, 1 - progress)
+        if cfg.lr_scheduler_type == "polynomial":
+            remaining = max(0.0, 1 - progress)
+            return ((cfg.learning_rate - lr_end) * remaining ** power + lr_end) / cfg.learning_rate
         return 1.0
     return factor
 
@@ -324,14 +386,29 @@ def lr_lambda(cfg, steps):
 # Evaluation during training, and --eval_only (the shared core: evaluation.py)
 
 def evaluate_and_track_best(run):
-    """Evaluates, logs, and returns whether the mean top-1 over the eval datasets is a new best."""
+    """Evaluates, logs, and returns whether metric_for_best_model (its mean over the eval datasets)
+    is a new best: higher for top1/top5/mean_class_acc, lower for loss."""
     results, _, skipped = evaluate(run.wrapped, run.evals, run.eval_mix, run.cfg, run.device)
     log_evaluation(run, results, skipped)
-    top1 = sum(r["top1"] for r in results.values()) / max(1, len(results))
-    new_best = run.state["best_top1"] is None or top1 > run.state["best_top1"]
+    key, higher_is_better = best_metric(run.cfg.metric_for_best_model)
+    value = sum(r[key] for r in results.values()) / max(1, len(results))
+    best = run.state["best_metric"]
+    new_best = best is None or (value > best if higher_is_better else value < best)
     if new_best:
-        run.state["best_top1"] = top1
+        run.state.update(best_metric=value, best_metric_name=key)
     return new_best
+
+
+def carry_best_over(state, cfg):
+    """A resumed state's best value, for the metric this config ranks by: checkpoints written before
+    metric_for_best_model existed kept `best_top1`; a best of another metric does not compare."""
+    legacy = state.pop("best_top1", None)
+    if state.get("best_metric_name") is None and legacy is not None:
+        state.update(best_metric=legacy, best_metric_name="top1")
+    if state.get("best_metric_name") not in (None, best_metric(cfg.metric_for_best_model)[0]):
+        print0(f"metric_for_best_model is now {cfg.metric_for_best_model}; checkpoints/best was picked by "
+               f"{state['best_metric_name']}, so the next evaluation starts the comparison afresh")
+        state.update(best_metric=None, best_metric_name=None)
 
 
 def log_evaluation(run, results, skipped):
@@ -375,41 +452,87 @@ def run_eval_only(cfg, rank, world, device):
 # Logging: metrics.jsonl (what tests and users parse) + TensorBoard, on rank 0 only
 
 class MetricsLog:
-    def __init__(self, output_dir, enabled, after_step=0):
-        """Appends to metrics.jsonl; on resume, first drops the lines logged after the checkpoint
-        (they will be logged again), so the file reads as one uninterrupted run."""
-        self.enabled = enabled
-        if enabled:
+    def __init__(self, cfg, enabled, after_step=0):
+        """Appends to metrics.jsonl (always: tests and users parse it); on resume, first drops the
+        lines logged after the checkpoint (they will be logged again), so the file reads as one
+        uninterrupted run. report_to adds TensorBoard events in output_dir and/or a wandb run."""
+        self.enabled, self.tb, self.wandb = enabled, None, None
+        if not enabled:
+            return
+        path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+        targets = report_targets(cfg.report_to)
+        if "tensorboard" in targets:
             from torch.utils.tensorboard import SummaryWriter
-            path = os.path.join(output_dir, "metrics.jsonl")
-            kept = []
-            if os.path.exists(path):
-                with open(path) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
-            self.file = open(path, "a")
-            self.tb = SummaryWriter(output_dir, purge_step=after_step + 1 if after_step else None)
+            self.tb = SummaryWriter(cfg.output_dir, purge_step=after_step + 1 if after_step else None)
+        if "wandb" in targets and wandb_mode() != "disabled":
+            self.wandb = start_wandb(cfg)
 
     def log(self, step, split, **values):
         if not self.enabled:
             return
         self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
         self.file.flush()
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{split}/{k}", v, step)
+        scalars = {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+        for tag, v in scalars.items():
+            if self.tb is not None:
+                self.tb.add_scalar(tag, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def image(self, step, tag, make):
-        """TensorBoard image; `make()` returns an HWC uint8 array and runs on rank 0 only."""
-        if self.enabled:
-            self.tb.add_image(tag, make(), step, dataformats="HWC")
+        """An image for TensorBoard / wandb; `make()` returns an HWC uint8 array and runs on rank 0 only."""
+        if not self.enabled or (self.tb is None and self.wandb is None):
+            return
+        picture = make()
+        if self.tb is not None:
+            self.tb.add_image(tag, picture, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({tag: wandb.Image(picture)}, step=step)
 
     def close(self):
         if self.enabled:
             self.file.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def wandb_mode():
+    return os.environ.get("WANDB_MODE", "online").strip().lower()
+
+
+def check_reporters(cfg):
+    """On every rank, before any step: report_to: wandb needs the optional wandb package (it is not
+    in requirements.txt), unless WANDB_MODE=disabled turns wandb off anyway."""
+    if "wandb" in report_targets(cfg.report_to) and wandb_mode() != "disabled":
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("report_to: wandb needs the wandb package, which is optional: pip install wandb "
+                              "(or report_to: tensorboard / none, or WANDB_MODE=disabled)")
+
+
+def start_wandb(cfg):
+    """A wandb run on rank 0 with the resolved config. WANDB_MODE=offline writes it under
+    output_dir/wandb/ (`wandb sync` uploads it later); WANDB_PROJECT picks the project (default
+    actcls). Each launch, a resume too, is its own wandb run, grouped by run_name."""
+    import wandb  # optional: imported only when report_to asks for it
+
+    name = cfg.run_name if cfg.run_name is not None else os.path.basename(os.path.abspath(cfg.output_dir))
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "actcls"), name=name, group=name,
+                          dir=cfg.output_dir, config=dataclasses.asdict(cfg), job_type="train")
+    except wandb.errors.Error as e:  # no API key, no network: before any step, say what to do
+        raise ConfigError(f"report_to: wandb: wandb.init failed ({type(e).__name__}: {e}). Run `wandb login`, or "
+                          f"set WANDB_MODE=offline (sync later) or WANDB_MODE=disabled") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,11 +553,13 @@ def save_checkpoint(run, best=False):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if run.device.type == "cuda" else {})}
-    torch.save(rng, os.path.join(tmp, f"rng_rank{run.rank}.pt"))  # dropout masks resume too
+    if not run.cfg.save_only_model:  # save_only_model: weights only (no optimizer, no RNG), no resume
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if run.device.type == "cuda" else {})}
+        torch.save(rng, os.path.join(tmp, f"rng_rank{run.rank}.pt"))  # dropout masks resume too
     # Whole tensors, in the files a plain model loads. Under FSDP2 gathering them is a collective:
     # every rank takes part, rank 0 alone keeps and writes them.
-    gathered = gather_training_state(run.model, run.optimizer, keep=run.rank == 0)
+    gathered = gather_training_state(run.model, None if run.cfg.save_only_model else run.optimizer,
+                                     keep=run.rank == 0)
     dist.barrier()
     failed = run.rank == 0 and not publish_checkpoint(run, tmp, final, gathered, best)
     if all_reduce_sums([failed], run.device)[0]:
@@ -448,7 +573,8 @@ def publish_checkpoint(run, tmp, final, gathered, best):
     root = os.path.dirname(final)
     previous = checkpoint_dirs(run.cfg.output_dir)
     try:
-        write_checkpoint_files(tmp, run.model, gathered, run.state, run.cfg, run.classes)
+        state = {**run.state, "weights_only": True} if run.cfg.save_only_model else run.state
+        write_checkpoint_files(tmp, run.model, gathered, state, run.cfg, run.classes)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except OSError as e:  # disk full, quota, permissions: keep what we had, say so
@@ -489,6 +615,17 @@ def resume_dir(cfg):
         raise CheckpointError(f"--resume auto: no checkpoint in {cfg.output_dir}/checkpoints can be read:\n  "
                               + "\n  ".join(problems) + "\nMove them away to start afresh, or pass --resume DIR.")
     return None
+
+
+def refuse_weights_only(directory, state):
+    """A save_only_model checkpoint has no optimizer, schedule or RNG state: resuming from it would
+    restart Adam from zero mid-schedule and draw other dropout masks, a run that silently differs
+    from the one asked for. Refused; its weights serve --eval_only, predict.py and export.py."""
+    if state.get("weights_only"):
+        raise CheckpointError(f"{directory} was saved with save_only_model: true: it holds the weights but no "
+                              f"optimizer, schedule or RNG state, so training cannot resume from it. Use it with "
+                              f"--eval_only, predict.py or export.py; to resume runs, train with "
+                              f"save_only_model: false.")
 
 
 def load_training_state(directory, model, optimizer, scheduler, step, rank):
