@@ -36,9 +36,9 @@ from config import (Config, ConfigError, best_metric, head_sizes, parse_config, 
 from data import USER_ERRORS, Collator, DatasetMix, StepLayout, batch_stream, hold_out, load_datasets, steps_per_epoch
 from evaluation import (all_reduce_sums, autocast, check_even_eval_batches, class_names, confusion_image,
                         eval_loader, evaluate, prediction_rows, write_eval_outputs)
-from model import (CheckpointError, build_classifier, check_base_model, build_optimizer, checkpoint_problem, gather_training_state,
-                   load_checkpoint, load_optimizer_state, load_processor, load_weights, shard_fsdp, vision_geometry,
-                   write_checkpoint_files)
+from model import (CheckpointError, build_classifier, build_optimizer, check_base_model, checkpoint_problem,
+                   gather_training_state, load_checkpoint, load_optimizer_state, load_processor, load_weights,
+                   shard_fsdp, vision_geometry, write_checkpoint_files)
 
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train
 from config import Config
-from data import Collator, Sample, VideoDataset, load_samples
+from data import Collator, Sample, VideoDataset, load_samples, sample_lengths, video_text_per_group
 from inference import VideoClassifier
 from model import ACT_TOKEN, CheckpointError, base_model_fingerprint, check_base_model, load_processor, vision_geometry
 from prepare.synthetic import textured_clip, write_video
@@ -88,6 +88,25 @@ def test_frames_are_scaled_as_the_processor_scales_them(family_model_dir):
                     size={"shortest_edge": min_pixels * scale, "longest_edge": max_pixels * scale})
         t, h, w = out["video_grid_thw"][0].tolist()
         assert (h * video.patch_size, w * video.patch_size) == ours, (min_pixels, max_pixels)
+
+
+def test_token_estimate_counts_the_video_tokens_the_processor_writes(family_model_dir, clips):
+    """group_by_length's estimate (data.sample_lengths, from a probe, no decoding) equals the tokens
+    between the video's outer vision start/end: <|video_pad|> tokens, and for Qwen3-VL/3.5 also each
+    temporal patch's "<t seconds>" text and its own vision start/end."""
+    processor, act_id = load_processor(family_model_dir)
+    tokenizer = processor.tokenizer
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    per_group = video_text_per_group(processor, act_id)
+    assert (per_group > 0) == (model_type(family_model_dir) in TEXT_TIMESTAMPS)
+    for video_fps in (1.0, 2.0):
+        item, inputs = collated(processor, act_id, clips[25], video_fps)
+        ids = inputs["input_ids"][0].tolist()
+        first, last = ids.index(start), len(ids) - 1 - ids[::-1].index(end)
+        sample = item["sample"]
+        settings = VideoSettings(video_fps, 128, None, 3136, 3136, **vision_geometry(processor))
+        estimate = sample_lengths(VideoDataset([sample], settings), per_group)
+        assert estimate.tolist() == [last - first - 1]
 
 
 def test_act_token_lands_on_a_spare_row(family_model_dir):

@@ -214,14 +214,14 @@ def mixed_length_set(tmp_path_factory):
 def test_group_by_length_through_batch_stream(mixed_length_set, tiny_model_dir, tmp_path):
     """The config key end to end: sample_lengths counts exactly the video tokens the processor emits,
     and one epoch of real collated batches carries less padding with group_by_length on."""
-    from model import load_processor
+    from model import load_processor, vision_geometry
 
     cfg = make_cfg(tiny_model_dir, video_fps=8, video_maxlen=32, video_min_pixels=3136, video_max_pixels=3136,
                    per_device_train_batch_size=2, train_datasets=[{"path": mixed_length_set}], seed=3,
                    dataloader_num_workers=0)
-    mix = train.load_mix(cfg, cfg.train_datasets)
-    dataset = mix.dataset
     processor, act_id = load_processor(tiny_model_dir)
+    mix = train.load_mix(cfg, cfg.train_datasets, vision_geometry(processor))
+    dataset = mix.dataset
     collate = Collator(processor, act_id)
     video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     lengths = sample_lengths(dataset)
