@@ -126,7 +126,8 @@ def test_export_is_a_plain_hugging_face_checkpoint_with_the_act_row(exported):
         assert needed in files, files
     assert json.load(open(os.path.join(target, "heads", "default", "classes.json"))) == CLASSES
     assert manifest["video"] == {"video_fps": 4, "video_maxlen": 8, "video_num_frames": None,
-                                 "video_min_pixels": 3136, "video_max_pixels": 3136, "video_cache_dir": None}
+                                 "video_min_pixels": 3136, "video_max_pixels": 3136, "video_cache_dir": None,
+                                 "resize_factor": 28, "temporal_patch_size": 2}  # Qwen2.5-VL's geometry
     card = open(os.path.join(target, "README.md")).read()
     val = [json.loads(line) for line in open(os.path.join(out["dora+additional_target"][0], "..", "..", "metrics.jsonl"))
            if '"val"' in line][-1]

@@ -69,8 +69,8 @@ def capture_initial_heads(monkeypatch):
     initial = {}
     build = train.build_classifier
 
-    def wrapped(cfg, sizes):
-        processor, model = build(cfg, sizes)
+    def wrapped(cfg, sizes, processor=None):
+        processor, model = build(cfg, sizes, processor)
         for space, head in model.heads.items():
             initial[space] = copy.deepcopy({k: v.detach().clone() for k, v in head.state_dict().items()})
         return processor, model
