@@ -326,7 +326,7 @@ def run_worker(args, variant, frames, batch_size, gc):
 
 def cpu_main(args):
     print(f"# bench/step.py on CPU, {time.strftime('%Y-%m-%d %H:%M')}, {args.threads} thread(s) per worker: "
-          f"Qwen2.5-VL layout, vocab 151,936 (tied), text hidden {args.hidden} x {args.layers} layers "
+          f"{args.family} layout (prepare/tiny_model.tiny_config), text hidden {args.hidden} x {args.layers} layers "
           f"({args.heads} heads), vision {args.vision_hidden} x {args.vision_depth}, {'LoRA' if args.lora else 'DoRA'} r16 (dropout 0.05) on "
           f"every LM Linear, {'bf16 autocast' if args.bf16 else 'fp32'}, {args.attn_implementation}; random "
           f"320x240 clips at video_max_pixels {args.video_max_pixels}; time = fastest of {args.steps} steps after "
