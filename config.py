@@ -66,7 +66,7 @@ class Config:
     video_fps: float = 2.0  # frames sampled per second of video (LLaMA-Factory's default) ...
     video_maxlen: int = 128  # ... up to this many frames
     video_num_frames: int | None = None  # a fixed frame count instead of fps/maxlen
-    video_max_pixels: int = 256 * 256  # per-frame pixel budget after resizing (sides multiples of 28)
+    video_max_pixels: int = 256 * 256  # per-frame budget after resizing (sides: multiples of 28; 32 on Qwen3-VL/3.5)
     video_min_pixels: int = 16 * 16
     video_cache_dir: str | None = None  # opt-in cache of decoded, resized frames (see video.cached_clip)
     dataloader_num_workers: int = 0
