@@ -9,11 +9,8 @@ and dicts work (`--train_datasets '[{path: data/x.jsonl}]'`). `main(argv)` is th
 `train` builds the run, `train_loop` runs it.
 """
 
-import dataclasses
 import datetime
 import glob
-import importlib.util
-import json
 import math
 import os
 import shutil
@@ -31,11 +28,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import (Config, ConfigError, best_metric, head_sizes, parse_config, report_targets, video_settings,
+from config import (Config, ConfigError, best_metric, head_sizes, parse_config, video_settings,
                     write_config)
 from data import USER_ERRORS, Collator, DatasetMix, StepLayout, batch_stream, hold_out, load_datasets, steps_per_epoch
 from evaluation import (all_reduce_sums, autocast, check_even_eval_batches, class_names, confusion_image,
                         eval_loader, evaluate, prediction_rows, write_eval_outputs)
+from metrics import MetricsLog, check_reporters
 from model import (CheckpointError, build_classifier, build_optimizer, check_base_model, checkpoint_problem,
                    gather_training_state, load_checkpoint, load_optimizer_state, load_processor, load_weights,
                    shard_fsdp, vision_geometry, write_checkpoint_files)
@@ -446,93 +444,6 @@ def run_eval_only(cfg, rank, world, device):
     if rank == 0:
         rows = [row for _, row in sorted((r for part in gathered for r in part), key=lambda r: r[0])]  # record order
         write_eval_outputs(cfg, mix, results, rows, skipped)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Logging: metrics.jsonl (what tests and users parse) + TensorBoard, on rank 0 only
-
-class MetricsLog:
-    def __init__(self, cfg, enabled, after_step=0):
-        """Appends to metrics.jsonl (always: tests and users parse it); on resume, first drops the
-        lines logged after the checkpoint (they will be logged again), so the file reads as one
-        uninterrupted run. report_to adds TensorBoard events in output_dir and/or a wandb run."""
-        self.enabled, self.tb, self.wandb = enabled, None, None
-        if not enabled:
-            return
-        path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        kept = []
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-        self.file = open(path, "a")
-        targets = report_targets(cfg.report_to)
-        if "tensorboard" in targets:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(cfg.output_dir, purge_step=after_step + 1 if after_step else None)
-        if "wandb" in targets and wandb_mode() != "disabled":
-            self.wandb = start_wandb(cfg)
-
-    def log(self, step, split, **values):
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        self.file.flush()
-        scalars = {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
-        for tag, v in scalars.items():
-            if self.tb is not None:
-                self.tb.add_scalar(tag, v, step)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
-
-    def image(self, step, tag, make):
-        """An image for TensorBoard / wandb; `make()` returns an HWC uint8 array and runs on rank 0 only."""
-        if not self.enabled or (self.tb is None and self.wandb is None):
-            return
-        picture = make()
-        if self.tb is not None:
-            self.tb.add_image(tag, picture, step, dataformats="HWC")
-        if self.wandb is not None:
-            import wandb
-            self.wandb.log({tag: wandb.Image(picture)}, step=step)
-
-    def close(self):
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-            if self.wandb is not None:
-                self.wandb.finish()
-
-
-def wandb_mode():
-    return os.environ.get("WANDB_MODE", "online").strip().lower()
-
-
-def check_reporters(cfg):
-    """On every rank, before any step: report_to: wandb needs the optional wandb package (it is not
-    in requirements.txt), unless WANDB_MODE=disabled turns wandb off anyway."""
-    if "wandb" in report_targets(cfg.report_to) and wandb_mode() != "disabled":
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("report_to: wandb needs the wandb package, which is optional: pip install wandb "
-                              "(or report_to: tensorboard / none, or WANDB_MODE=disabled)")
-
-
-def start_wandb(cfg):
-    """A wandb run on rank 0 with the resolved config. WANDB_MODE=offline writes it under
-    output_dir/wandb/ (`wandb sync` uploads it later); WANDB_PROJECT picks the project (default
-    actcls). Each launch, a resume too, is its own wandb run, grouped by run_name."""
-    import wandb  # optional: imported only when report_to asks for it
-
-    name = cfg.run_name if cfg.run_name is not None else os.path.basename(os.path.abspath(cfg.output_dir))
-    try:
-        return wandb.init(project=os.environ.get("WANDB_PROJECT", "actcls"), name=name, group=name,
-                          dir=cfg.output_dir, config=dataclasses.asdict(cfg), job_type="train")
-    except wandb.errors.Error as e:  # no API key, no network: before any step, say what to do
-        raise ConfigError(f"report_to: wandb: wandb.init failed ({type(e).__name__}: {e}). Run `wandb login`, or "
-                          f"set WANDB_MODE=offline (sync later) or WANDB_MODE=disabled") from None
 
 
 # ---------------------------------------------------------------------------------------------------

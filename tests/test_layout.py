@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A module may import only modules of a lower layer. `prepare` (the converters' package) sits with the
 # scripts' inputs: only inference.py (the default prompt, from prepare.records) and the top layer use it.
-LAYERS = {"video": 0, "decoder": 0, "config": 1, "model": 2, "data": 3, "evaluation": 4, "prepare": 4.5,
-          "inference": 4.7, "train": 5, "predict": 5, "export": 5}
+LAYERS = {"video": 0, "decoder": 0, "config": 1, "model": 2, "data": 3, "evaluation": 4, "metrics": 4,
+          "prepare": 4.5, "inference": 4.7, "train": 5, "predict": 5, "export": 5}
 
 
 def project_imports(path):
