@@ -1,30 +1,25 @@
-"""The experiment's schema: one typed `Config`, its allowed values, and YAML + `--key value` parsing.
+"""The experiment's schema: one typed `Config` (a comment on every key), the allowed values, the
+checks that span several keys, and YAML + `--key value` parsing. Everything else imports it from here.
 
-    cfg = parse_config(["--config", "configs/ucf101.yaml", "--learning_rate", "5e-5"])
+    raw, where = read_command_line(["--config", "configs/ucf101.yaml", "--learning_rate", "5e-5"])
+    cfg = validated_config(raw, where)
 
-Key names follow LLaMA-Factory where the concept is the same, and a LLaMA-Factory/IVCP YAML's other
-keys are translated, ignored with a reason, or refused with what to do (`translate_lf_keys`; datasets
-by name through dataset_info.json). An unknown key is an error that names a close valid key when
-there is one, every value is type-checked, and all problems are reported together (ConfigError).
-Everyone imports the schema from here.
+Key names follow LLaMA-Factory where the concept is the same. An unknown key is an error that names a
+close valid key when there is one, every value is type-checked, and all problems are reported
+together (ConfigError). The scripts parse through llamafactory.parse_config, which first translates
+a LLaMA-Factory / IVCP YAML's other keys.
 """
 
 import argparse
 import dataclasses
 import difflib
-import importlib.util
-import json
-import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
 
-import torch
 import yaml
-from safetensors import safe_open
 
-from decoder import DECODER_TYPES, ivcp_decoder_type
+from decoder import DECODER_TYPES
 from video import VideoSettings
 
 
@@ -35,9 +30,9 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     # model
-    model_name_or_path: str = "data/tiny-qwen2.5-vl"
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
+    model_name_or_path: str = "data/tiny-qwen2.5-vl"  # a Qwen-VL checkpoint folder or hub name (any family)
+    trust_remote_code: bool = False  # passed to from_pretrained (the Qwen-VL families need none)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     num_action_classes: int = 6  # classes of the "default" label space
     label_spaces: dict = field(default_factory=dict)  # extra heads: {name: num_classes}
     action_decoder_type: str = "linear"  # linear | mlp | transformer | transformer_no_vision
@@ -51,52 +46,52 @@ class Config:
     head_lr_scale: float = 1.0  # head learning rate = learning_rate * this
     # finetuning
     finetuning_type: str = "lora"  # lora | full | freeze
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
+    lora_rank: int = 16  # adapter rank r
+    lora_alpha: float = 32.0  # adapters scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_target: str = "all"  # "all" Linear layers, or names: "q_proj,v_proj"
-    use_dora: bool = False
+    use_dora: bool = False  # DoRA: weight-decomposed adapters (peft)
     use_rslora: bool = False  # rank-stabilised LoRA: adapters scaled by lora_alpha / sqrt(rank), not / rank
     freeze_vision_tower: bool = True  # false: adapters (lora) or full training on the vision blocks too
     freeze_multi_modal_projector: bool = True  # false: the same for the merger
     additional_target: str | None = None  # modules trained fully besides adapters, e.g. "visual.patch_embed"
     # data
     train_datasets: list = field(default_factory=list)  # [{path, video_root, weight, label_space, name}]
-    eval_datasets: list = field(default_factory=list)
+    eval_datasets: list = field(default_factory=list)  # the same form; evaluated every eval_steps and at the end
     video_fps: float = 2.0  # frames sampled per second of video (LLaMA-Factory's default) ...
     video_maxlen: int = 128  # ... up to this many frames
     video_num_frames: int | None = None  # a fixed frame count instead of fps/maxlen
     video_max_pixels: int = 256 * 256  # per-frame budget after resizing (sides: multiples of 28; 32 on Qwen3-VL/3.5)
-    video_min_pixels: int = 16 * 16
+    video_min_pixels: int = 16 * 16  # smaller frames are scaled up to this
     video_cache_dir: str | None = None  # opt-in cache of decoded, resized frames (see video.cached_clip)
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = 0  # processes decoding videos (0: in the training process)
     max_bad_video_fraction: float = 0.01  # unreadable videos are skipped and counted; more than this fails
     group_by_length: bool = False  # batch clips of similar token counts together (less padding)
     # optimisation
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
+    per_device_train_batch_size: int = 8  # clips per micro-batch on each rank
+    per_device_eval_batch_size: int = 8  # clips per evaluation batch on each rank
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-4  # peak learning rate of the adapters / trained layers
+    weight_decay: float = 0.0  # AdamW decay (never on biases, norms or the <ACT> row)
+    adam_beta1: float = 0.9  # AdamW betas
     adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
-    num_train_epochs: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    num_train_epochs: float = 1.0  # epochs (fractions allowed) when max_steps is not set
     max_steps: int = -1  # > 0 overrides num_train_epochs
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant | polynomial
     lr_scheduler_kwargs: dict = field(default_factory=dict)  # polynomial: {power: 1.0, lr_end: 1e-7}
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.0  # linear warm-up over this fraction of the steps
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
-    bf16: bool = False
-    gradient_checkpointing: bool = False
+    bf16: bool = False  # frozen weights in bf16 and bf16 autocast; what trains stays fp32
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
     fsdp: bool = False  # FSDP2 instead of DDP: parameters, gradients and Adam state sharded over the ranks (7B+)
-    seed: int = 42
+    seed: int = 42  # data order, frame offsets, held-out split, head initialisation
     # run directory
-    output_dir: str = "runs/default"
-    logging_steps: int = 10
+    output_dir: str = "runs/default"  # config.yaml, metrics.jsonl, TensorBoard events, checkpoints/
+    logging_steps: int = 10  # a train line every this many optimizer steps
     eval_steps: int = 0  # 0: evaluate at the end only
     save_steps: int = 0  # 0: save at the end only
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # step_* folders kept (0: all); checkpoints/best is always kept
     resume: str | None = None  # "auto" (newest complete checkpoint in output_dir) or a checkpoint dir
     save_only_model: bool = False  # checkpoints without optimizer/RNG state: smaller, but a resume refuses them
     metric_for_best_model: str = "top1"  # picks checkpoints/best: top1 | top5 | mean_class_acc | loss (eval_ ok)
@@ -109,7 +104,9 @@ class Config:
     eval_num_clips: int = 1  # temporal views per video (frame offsets shifted inside each segment)
     eval_num_crops: int = 1  # spatial views: 1 (whole frame) or 3 (start/centre/end squares)
     eval_only: bool = False  # evaluate `checkpoint` on eval_datasets, write eval.json, predictions.jsonl
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the checkpoint folder eval_only evaluates
+
+
 
 
 # The allowed values, beyond the types above.
@@ -169,14 +166,15 @@ def float_or_same(value):
         return value
 
 
-def config_problems(raw):
-    """Every problem with a raw {key: value} config, so they can be reported together."""
+def config_problems(raw, also_known=()):
+    """Every problem with a raw {key: value} config, so they can be reported together. `also_known`:
+    keys handled before the schema (LLaMA-Factory's), offered too when a key looks like a typo."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     problems = []
     for key, value in raw.items():
         if key not in fields:  # a near miss of a key or of a LLaMA-Factory key; no far-fetched guesses
-            close = difflib.get_close_matches(key, [*fields, *TRANSLATORS, *IGNORED, *REFUSED], n=1, cutoff=0.75)
+            close = difflib.get_close_matches(key, [*fields, *also_known], n=1, cutoff=0.75)
             problems.append(f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
         elif not type_ok(value, hints[key]):
             problems.append(f"{key}: expected {getattr(hints[key], '__name__', hints[key])}, got {value!r}")
@@ -188,424 +186,15 @@ def config_problems(raw):
             problems.append(f"{key}: must be >= 0, got {value!r}")
         elif key == "action_decoder_dropout" and value >= 1:
             problems.append(f"{key}: must be < 1 (a probability), got {value!r}")
-    problems += training_key_problems(raw)
-    for key in ("train_datasets", "eval_datasets"):
-        for i, entry in enumerate(raw.get(key) or []):
-            if not isinstance(entry, dict) or "path" not in entry:
-                problems.append(f"{key}[{i}]: expected {{path, video_root, weight, label_space, name}}, got {entry!r}")
-            elif set(entry) - DATASET_KEYS:
-                problems.append(f"{key}[{i}]: unknown key(s) {sorted(set(entry) - DATASET_KEYS)}; "
-                                f"allowed: {sorted(DATASET_KEYS)}")
-    return problems
+    return problems + cross_key_problems(raw)
 
 
 # ---------------------------------------------------------------------------------------------------
-# LLaMA-Factory / IVCP keys. A user's existing YAML runs as it is: each of its keys that is not a
-# Config field is translated (same meaning, another name or form), ignored with a reason (no meaning
-# here; listed once at start-up), or refused with what to do. Never silently dropped.
+# Checks that span several keys, in one place
 
-# No meaning here: accepted with any value, listed once at start-up with the reason.
-IGNORED = {
-    "template": "the chat template comes from the model's own processor (model_name_or_path)",
-    "preprocessing_num_workers": "records are read and checked up front; frames are decoded by dataloader_num_workers",
-    "preprocessing_batch_size": "nothing is pre-tokenised; samples are built on the fly",
-    "overwrite_cache": "nothing is pre-tokenised to a cache",
-    "tokenized_path": "nothing is pre-tokenised to disk",
-    "plot_loss": "the loss curve is in output_dir/metrics.jsonl and TensorBoard",
-    "overwrite_output_dir": "a run writes into output_dir and deletes nothing there; to continue from its newest "
-                            "checkpoint pass --resume auto (LLaMA-Factory does that by itself when this is false)",
-    "enable_liger_kernel": "Liger's fused kernels speed up lm_head + loss, and lm_head never runs here",
-    "image_max_pixels": "records hold videos, not images (video_max_pixels applies)",
-    "image_min_pixels": "records hold videos, not images (video_min_pixels applies)",
-    "load_best_model_at_end": "checkpoints/best keeps the best evaluated step (a symlink); evaluate, predict or "
-                              "export that folder; the final weights are not swapped for it",
-    "logging_dir": "TensorBoard events go to output_dir",
-    "ddp_find_unused_parameters": "every trainable parameter gets a gradient each step; DDP is set up accordingly",
-    "dataloader_pin_memory": "the loaders choose pinning themselves",
-    "print_param_status": "train.py prints the trainable parameter count at start-up",
-    "resize_vocab": "<ACT> fits Qwen's spare embedding rows; the table is resized only when it does not",
-    "tf32": "matmul precision is PyTorch's default here",
-}
-
-# Features not built here: a key may stay at the value that switches it off (listed as ignored);
-# any other value is an error that says what to use instead.
-REFUSED = {
-    "fp16": ((False, None), "fp16 (loss scaling) is not built; use bf16: true"),
-    "deepspeed": ((None,), "DeepSpeed is not used: DDP by default, fsdp: true (PyTorch FSDP2) for models that "
-                           "do not fit one GPU"),
-    "quantization_bit": ((None,), "quantised base weights (QLoRA) are not built; bf16: true halves the base model"),
-    "packing": ((False, None), "each sample is one video with one <ACT>; samples are not packed"),
-    "neat_packing": ((False, None), "each sample is one video with one <ACT>; samples are not packed"),
-    "streaming": ((False, None), "datasets are read and checked up front, not streamed"),
-    "use_unsloth": ((False, None), "Unsloth is not used"),
-    "use_galore": ((False, None), "GaLore is not built; the optimizer is AdamW"),
-    "use_apollo": ((False, None), "APOLLO is not built; the optimizer is AdamW"),
-    "use_badam": ((False, None), "BAdam is not built; the optimizer is AdamW"),
-    "pissa_init": ((False, None), "PiSSA initialisation is not built; adapters start as peft's default"),
-    "loraplus_lr_ratio": ((None,), "LoRA+ is not built; head_lr_scale and action_token_lr_scale set the other "
-                                   "groups' rates"),
-    "use_llama_pro": ((False, None), "LLaMA Pro block expansion is not built"),
-    "predict_with_generate": ((False, None), "predictions are class probabilities (predictions.jsonl), not text"),
-    "push_to_hub": ((False, None), "nothing is pushed; export.py writes a self-contained folder to upload"),
-    "optim": (("adamw_torch", "adamw_torch_fused", "adamw_hf"), "the optimizer is torch AdamW (named groups)"),
-    "adam_epsilon": ((1e-8, "1e-8"), "AdamW's eps is PyTorch's 1e-8 (also LLaMA-Factory's default)"),
-    "mix_strategy": (("concat",), "datasets mix by each train_datasets entry's `weight`"),
-    "save_strategy": (("steps",), "checkpoints are written every save_steps (0: at the end only)"),
-    "logging_strategy": (("steps",), "the loss is logged every logging_steps"),
-}
-
-# A YAML names datasets in LLaMA-Factory's registry; its sharegpt defaults, when an entry names no columns/tags.
-SHAREGPT_COLUMNS = {"messages": "conversations", "videos": "videos"}
-SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}
-# actcls's own record format: an entry in it needs no `columns`/`tags`.
-NATIVE_COLUMNS = {"messages": "messages", "videos": "videos", "action_label": "action_label"}
-NATIVE_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
-REGISTRY_FIELDS = {"file_name", "formatting", "columns", "tags", "split"}
-
-# The keys that shape a checkpoint's model: an evaluation of it (do_eval/do_predict) takes them from the
-# checkpoint's config.yaml, as peft takes LoRA settings from an adapter's adapter_config.json.
-MODEL_SHAPE_KEYS = ("finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora",
-                    "use_rslora", "freeze_vision_tower", "freeze_multi_modal_projector", "additional_target",
-                    "num_action_classes", "label_spaces", "action_decoder_type", "action_decoder_hidden_size",
-                    "action_decoder_num_transformer_layers", "action_decoder_num_heads", "action_decoder_dropout")
-
-IVCP_TRANSFORMER_HEAD = (
-    "action_decoder_path {path}: IVCP's transformer head (action_decoder.safetensors with projection.*, "
-    "transformer_layers.*, final_norm.* keys and no action_decoder.json). actcls's transformer head has the same "
-    "layers, but IVCP trained them on the vision tower's outputs from a second vision pass, while actcls feeds "
-    "them the video tokens' last-layer states from the <ACT> forward, and the file does not record its head "
-    "count or dropout: its weights would compute something else here. Set action_decoder_path: null to train "
-    "the head afresh")
-
-# Upper bound of a sample's length for cutoff_len: video tokens at the smallest patch size (14 px, merged
-# 2x2: one token per 28x28 pixels, two frames per token), plus the prompt's text.
-PIXELS_PER_TOKEN = 28 * 28
-TEXT_TOKENS = 128
-
-
-def is_bool(value):
-    return isinstance(value, bool)
-
-
-def shown(value):
-    """A value as the YAML said it: true, false, null."""
-    return json.dumps(value) if isinstance(value, bool) or value is None else value
-
-
-def flash_attn_available():
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-
-
-def attention_key(raw, notes, problems):
-    """flash_attn (auto | disabled | sdpa | fa2) -> attn_implementation; fa2 without flash-attn falls
-    back to SDPA with a warning, as LLaMA-Factory does."""
-    value = raw.pop("flash_attn")
-    if "attn_implementation" in raw:
-        problems.append("flash_attn and attn_implementation both set: keep one")
-        return
-    names = {"auto": "sdpa", "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
-    if value not in names:
-        problems.append(f"flash_attn: {value!r} is not one of {tuple(names)}")
-        return
-    raw["attn_implementation"] = names[value]
-    if value == "fa2" and not flash_attn_available():
-        raw["attn_implementation"] = "sdpa"
-        notes.append(("warning", "flash_attn", "fa2 -> attn_implementation: sdpa (FlashAttention-2 needs the "
-                      "flash-attn package and a CUDA GPU, not found here; pip install flash-attn to use it)"))
-    else:
-        notes.append(("translated", "flash_attn", f"{value} -> attn_implementation: {raw['attn_implementation']}"))
-
-
-def resume_key(raw, notes, problems):
-    """resume_from_checkpoint: a checkpoint folder, or true (the newest in output_dir) -> resume."""
-    value = raw.pop("resume_from_checkpoint")
-    if value is None or value is False:
-        return notes.append(("ignored", "resume_from_checkpoint", f"{shown(value)}: a fresh start, as without it"))
-    if "resume" in raw:
-        return problems.append("resume_from_checkpoint and resume both set: keep one")
-    raw["resume"] = "auto" if value is True else value
-    notes.append(("translated", "resume_from_checkpoint", f"{shown(value)} -> resume: {raw['resume']}"))
-
-
-def stage_key(raw, notes, problems):
-    value = raw.pop("stage")
-    if value != "action_cls":
-        return problems.append(f"stage: {value!r}: actcls trains only IVCP's action_cls stage (an <ACT> token and "
-                               f"a classification head); use LLaMA-Factory for {value}")
-    notes.append(("ignored", "stage", "action_cls: the only stage there is here"))
-
-
-def task_keys(raw, notes, problems):
-    """do_train / do_eval / do_predict + adapter_name_or_path: training, or (do_train: false) the
-    evaluation of an actcls checkpoint with eval_only (eval.json and predictions.jsonl)."""
-    flags = {key: raw.pop(key) for key in ("do_train", "do_eval", "do_predict") if key in raw}
-    adapter = raw.pop("adapter_name_or_path", None)
-    for key, value in flags.items():
-        if not is_bool(value):
-            problems.append(f"{key}: expected true or false, got {value!r}")
-            return
-    do_train = flags.get("do_train", not (flags.get("do_eval") or flags.get("do_predict")))
-    asks = [key for key in ("do_eval", "do_predict") if flags.get(key)]
-    for key in [k for k in ("do_eval", "do_predict") if flags.get(k) is False]:
-        notes.append(("ignored", key, "false: as without it (evaluation during training follows eval_dataset "
-                      "and eval_steps)"))
-    if do_train:
-        if "do_train" in flags:
-            notes.append(("ignored", "do_train", "true: train.py trains"))
-        if flags.get("do_eval"):
-            notes.append(("ignored", "do_eval", "true: evaluation runs every eval_steps and at the end when "
-                          "eval_dataset is set"))
-        if flags.get("do_predict"):
-            problems.append("do_predict with do_train: predict after training, with do_train: false, do_predict: "
-                            "true and adapter_name_or_path: OUTPUT_DIR/checkpoints/best")
-        if adapter is not None:
-            problems.append(f"adapter_name_or_path {adapter}: training on top of an existing adapter is not "
-                            f"built; continue an actcls run with resume_from_checkpoint: CHECKPOINT_DIR (or true)")
-        return
-    if not asks:
-        return problems.append("do_train: false with neither do_eval nor do_predict: nothing to do")
-    for key in [k for k in ("do_train", *asks) if k in flags]:
-        notes.append(("translated", key, f"{shown(flags[key])} -> eval_only: true"))
-    if adapter is None:
-        return problems.append(f"{asks[0]}: true needs adapter_name_or_path: an actcls checkpoint folder "
-                               f"(OUTPUT_DIR/checkpoints/best or a step_* folder)")
-    problem = checkpoint_folder_problem("adapter_name_or_path", adapter)
-    if problem is not None:
-        return problems.append(problem)
-    raw["eval_only"], raw["checkpoint"] = True, adapter
-    notes.append(("translated", "adapter_name_or_path", f"{adapter} -> checkpoint: {adapter}"))
-    take_model_shape(raw, notes, adapter)
-    if raw.get("action_decoder_path") is not None:
-        notes.append(("ignored", "action_decoder_path", f"{raw.pop('action_decoder_path')}: the checkpoint "
-                      f"holds its heads"))
-
-
-def take_model_shape(raw, notes, checkpoint):
-    """The checkpoint's model settings replace the YAML's (IVCP's eval YAMLs leave out the adapter's)."""
-    saved = read_yaml(os.path.join(checkpoint, "config.yaml"))
-    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-                for f in dataclasses.fields(Config)}
-    changed = [f"{key}: {shown(raw.get(key, defaults.get(key)))} -> {shown(saved[key])}" for key in MODEL_SHAPE_KEYS
-               if key in saved and raw.get(key, defaults.get(key)) != saved[key]]
-    raw.update({key: saved[key] for key in MODEL_SHAPE_KEYS if key in saved})
-    if changed:
-        notes.append(("translated", "adapter_name_or_path", "the checkpoint's model settings: " + ", ".join(changed)))
-
-
-def checkpoint_folder_problem(key, directory):
-    """None for an actcls checkpoint folder; else what the folder is and what to point `key` at."""
-    if os.path.isfile(os.path.join(directory, "trainable.safetensors")) and \
-            os.path.isfile(os.path.join(directory, "config.yaml")):
-        return None
-    if os.path.isdir(os.path.join(directory, "checkpoints")):
-        return f"{key} {directory}: a run folder; point it at one of its checkpoints, e.g. {directory}/checkpoints/best"
-    if os.path.isfile(os.path.join(directory, "adapter_model.safetensors")) or \
-            os.path.isfile(os.path.join(directory, "adapter_config.json")):
-        return (f"{key} {directory}: a peft adapter as LLaMA-Factory/IVCP writes it (adapter_config.json, "
-                f"adapter_model.safetensors), not an actcls checkpoint. It cannot be reused here: IVCP resizes the "
-                f"embedding table to len(tokenizer) rounded up to 64 rows before training{embedding_rows(directory)} "
-                f"and learns <ACT> inside that table, so its adapters and <ACT> row belong to that table; actcls "
-                f"keeps the model's table and learns <ACT> as its own row. Train with actcls (this YAML with "
-                f"do_train: true) and point {key} at OUTPUT_DIR/checkpoints/best")
-    if not os.path.isdir(directory):
-        return f"{key} {directory}: no such folder; point it at an actcls checkpoint (OUTPUT_DIR/checkpoints/best)"
-    return (f"{key} {directory}: not an actcls checkpoint folder (trainable.safetensors, config.yaml); point it at "
-            f"OUTPUT_DIR/checkpoints/best or a step_* folder")
-
-
-def embedding_rows(directory):
-    """' (its embed_tokens has N rows)' when the adapter file saved the resized table, else ''."""
-    path = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        return ""
-    with safe_open(path, framework="pt") as f:
-        rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if "embed_tokens" in k and k.endswith("weight")]
-    return f" (its embed_tokens has {rows[0]} rows)" if rows else ""
-
-
-def decoder_path_key(raw, notes, problems):
-    """An IVCP head folder: its linear/mlp weights load as the head; its transformer head cannot."""
-    path = raw["action_decoder_path"]
-    if not isinstance(path, str) or not os.path.isdir(path):
-        return
-    ivcp_type = ivcp_decoder_type(path)
-    if ivcp_type == "transformer":
-        problems.append(IVCP_TRANSFORMER_HEAD.format(path=path))
-    elif ivcp_type is not None:
-        notes.append(("translated", "action_decoder_path", f"{path}: IVCP's {ivcp_type} head (head.* keys, no "
-                      f"action_decoder.json) loads as this head; its sizes come from its weights"))
-
-
-def dataset_keys(raw, notes, problems):
-    """dataset / eval_dataset (names, or comma lists) through dataset_dir/dataset_info.json ->
-    train_datasets / eval_datasets, videos under media_dir (default: dataset_dir)."""
-    given = {key: raw.pop(key) for key in ("dataset_dir", "media_dir") if key in raw}
-    dataset_dir = given.get("dataset_dir", "data")
-    media_dir = given.get("media_dir", dataset_dir)
-    if "dataset" not in raw and "eval_dataset" not in raw:
-        for key, value in given.items():
-            notes.append(("ignored", key, f"{value}: read only for dataset / eval_dataset"))
-        return
-    for key, ours in (("dataset", "train_datasets"), ("eval_dataset", "eval_datasets")):
-        if key not in raw:
-            continue
-        names = raw.pop(key)
-        if ours in raw:
-            problems.append(f"{key} and {ours} both set: keep one")
-            continue
-        if isinstance(names, str):
-            names = [n.strip() for n in names.split(",") if n.strip()]
-        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-            problems.append(f"{key}: expected a dataset name or a comma list of names, got {names!r}")
-            continue
-        try:
-            raw[ours] = [registry_entry(name, dataset_dir, media_dir) for name in names]
-        except ConfigError as e:
-            problems.append(f"{key}: {e}")
-            continue
-        notes.append(("translated", key, f"{','.join(names)} -> {ours}: " + ", ".join(
-            f"{e['path']} (videos under {e['video_root']})" for e in raw[ours])))
-
-
-def registry_entry(name, dataset_dir, media_dir):
-    """One dataset_info.json entry -> a train_datasets entry: file_name relative to dataset_dir,
-    sharegpt only, its columns and tags honoured."""
-    path = os.path.join(dataset_dir, "dataset_info.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            registry = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the dataset registry ({e.strerror or e}); set dataset_dir to the "
-                          f"folder that holds dataset_info.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a JSON registry ({e})") from None
-    if name not in registry:
-        raise ConfigError(f"{name!r} is not in {path}; it lists: {', '.join(registry) or '(nothing)'}")
-    info = registry[name]
-    where = f"{path} entry {name!r}"
-    if not isinstance(info, dict) or "file_name" not in info:
-        raise ConfigError(f"{where}: only local files (file_name) are read here, not hub or script datasets")
-    if set(info) - REGISTRY_FIELDS:
-        raise ConfigError(f"{where}: {sorted(set(info) - REGISTRY_FIELDS)} not supported here (it reads "
-                          f"{sorted(REGISTRY_FIELDS)}); remove them or use train_datasets")
-    if info.get("formatting", "alpaca") != "sharegpt":
-        raise ConfigError(f"{where}: formatting {info.get('formatting', 'alpaca')!r}; only sharegpt records "
-                          f"(messages with <video> and <ACT>) are read here")
-    columns = {**SHAREGPT_COLUMNS, **info.get("columns", {})}
-    tags = {**SHAREGPT_TAGS, **info.get("tags", {})}
-    extra = set(columns) - set(NATIVE_COLUMNS)
-    if extra:
-        raise ConfigError(f"{where}: columns {sorted(extra)} have no use here (a record is messages, one video, "
-                          f"action_label)")
-    file = os.path.join(dataset_dir, info["file_name"])
-    if not os.path.isfile(file):
-        raise ConfigError(f"{where}: {file} is not a file (check dataset_dir; a folder of files is not read here)")
-    entry = {"path": file, "video_root": media_dir, "name": name}
-    if {**NATIVE_COLUMNS, **columns} != NATIVE_COLUMNS:
-        entry["columns"] = columns
-    if {k: tags[k] for k in NATIVE_TAGS} != NATIVE_TAGS:
-        entry["tags"] = {k: tags[k] for k in NATIVE_TAGS}
-    return entry
-
-
-def eval_strategy_key(raw, notes, problems):
-    """eval_strategy (HF: evaluation_strategy): steps is what runs here; no and epoch say what to do."""
-    for key in ("eval_strategy", "evaluation_strategy"):
-        if key not in raw:
-            continue
-        value = raw.pop(key)
-        if value == "steps":
-            notes.append(("ignored", key, "steps: evaluation runs every eval_steps and at the end"))
-        elif value == "no" and not (raw.get("eval_datasets") or raw.get("eval_dataset")):
-            notes.append(("ignored", key, "no: there is no eval dataset"))
-        elif value == "no":
-            problems.append(f"{key}: no, but an eval dataset is set: remove eval_dataset to train without evaluation")
-        else:
-            problems.append(f"{key}: {value!r}: evaluation runs every eval_steps; set eval_steps to the steps per "
-                            f"epoch (printed at start-up) and eval_strategy: steps")
-
-
-def gradient_checkpointing_key(raw, notes, problems):
-    value = raw.pop("disable_gradient_checkpointing")
-    if not is_bool(value):
-        return problems.append(f"disable_gradient_checkpointing: expected true or false, got {value!r}")
-    if "gradient_checkpointing" in raw:
-        return problems.append("disable_gradient_checkpointing and gradient_checkpointing both set: keep one")
-    raw["gradient_checkpointing"] = not value
-    notes.append(("translated", "disable_gradient_checkpointing", f"{shown(value)} -> gradient_checkpointing: {shown(not value)}"))
-
-
-def cutoff_key(raw, notes, problems):
-    """cutoff_len truncates long samples in LLaMA-Factory; here inputs end at <ACT> and are never cut,
-    so it is ignored when no sample can reach it, else refused (a cut would drop video tokens)."""
-    value = raw.pop("cutoff_len")
-    if isinstance(value, bool) or not isinstance(value, int):
-        return problems.append(f"cutoff_len: expected an int, got {value!r}")
-    frames = raw.get("video_num_frames") or raw.get("video_maxlen", Config.video_maxlen)
-    pixels = raw.get("video_max_pixels", Config.video_max_pixels)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (frames, pixels)):
-        return  # a type problem of those keys, reported by config_problems
-    longest = math.ceil(frames / 2) * int(pixels // PIXELS_PER_TOKEN) + TEXT_TOKENS
-    if longest <= value:
-        return notes.append(("ignored", "cutoff_len", f"{value}: no sample reaches it (at most ~{longest} tokens: "
-                             f"{frames} frames at video_max_pixels {pixels}, plus the prompt); inputs end at <ACT>"))
-    problems.append(f"cutoff_len: {value}, but a sample can reach ~{longest} tokens ({frames} frames at "
-                    f"video_max_pixels {pixels}); inputs are never truncated here (a cut would drop video tokens "
-                    f"or <ACT>): lower video_maxlen or video_max_pixels to fit, or remove cutoff_len")
-
-
-# Keys translated by a function (it pops its key(s)), in this order: datasets before eval_strategy.
-TRANSLATORS = {"flash_attn": attention_key, "resume_from_checkpoint": resume_key, "stage": stage_key,
-               "do_train": task_keys, "do_eval": task_keys, "do_predict": task_keys,
-               "adapter_name_or_path": task_keys, "action_decoder_path": decoder_path_key,
-               "dataset": dataset_keys, "eval_dataset": dataset_keys, "dataset_dir": dataset_keys,
-               "media_dir": dataset_keys, "eval_strategy": eval_strategy_key, "evaluation_strategy": eval_strategy_key,
-               "disable_gradient_checkpointing": gradient_checkpointing_key, "cutoff_len": cutoff_key}
-
-
-def lf_key_kind(key):
-    """How a key is handled: "field" (a Config key), "translated", "ignored", "refused" (but accepted
-    at its off value), or None (unknown)."""
-    if key in {f.name for f in dataclasses.fields(Config)}:
-        return "field"
-    if key in TRANSLATORS:
-        return "translated"
-    return "ignored" if key in IGNORED else "refused" if key in REFUSED else None
-
-
-def translate_lf_keys(raw):
-    """A raw config with LLaMA-Factory/IVCP keys -> (raw with Config keys only, notes, problems).
-    notes: [(kind, key, text)] to list once at start-up; kind is translated, ignored or warning."""
-    raw, notes, problems = dict(raw), [], []
-    for key in list(raw):
-        if key in IGNORED:
-            notes.append(("ignored", key, f"{shown(raw.pop(key))}: {IGNORED[key]}"))
-        elif key in REFUSED:
-            harmless, reason = REFUSED[key]
-            value = raw.pop(key)
-            if any(value == h and type(value) is type(h) for h in harmless):
-                notes.append(("ignored", key, f"{shown(value)}: as here ({reason})"))
-            else:
-                problems.append(f"{key}: {shown(value)} is not supported: {reason}")
-    done = set()
-    for key, translate in TRANSLATORS.items():
-        if key in raw and translate not in done:
-            done.add(translate)
-            translate(raw, notes, problems)
-    return raw, notes, problems
-
-
-def format_notes(notes):
-    """The start-up lines for translate_lf_keys's notes: what was translated, what is ignored and why."""
-    titles = {"warning": "warning", "translated": "LLaMA-Factory/IVCP key translated",
-              "ignored": "ignored (no effect here)"}
-    return [f"{titles[kind]}: {key}: {text}" for kind in ("warning", "translated", "ignored")
-            for k, key, text in notes if k == kind]
-
-
-def training_key_problems(raw):
-    """The problems of the logging, split, best-checkpoint and schedule keys that one type check
-    cannot catch (values that depend on each other, names within a string)."""
+def cross_key_problems(raw):
+    """The problems one type check cannot catch: dataset entries, the logging, split,
+    best-checkpoint and schedule keys (values that depend on each other, names within a string)."""
     problems = []
     report = raw.get("report_to", "tensorboard")
     if isinstance(report, (str, list)):
@@ -633,7 +222,7 @@ def training_key_problems(raw):
             problems.append(f"lr_scheduler_kwargs: expected numbers, got {kwargs}")
         elif type_ok(lr := raw.get("learning_rate", Config.learning_rate), float) and kwargs.get("lr_end", 0) >= lr:
             problems.append(f"lr_scheduler_kwargs: lr_end {kwargs['lr_end']} must be below learning_rate {lr}")
-    return problems
+    return problems + dataset_entry_problems(raw)
 
 
 def report_targets(report_to):
@@ -647,6 +236,27 @@ def best_metric(name):
     key = name[len("eval_"):] if name.startswith("eval_") else name
     key = METRIC_ALIASES.get(key, key)
     return (key, BEST_METRICS[key]) if key in BEST_METRICS else None
+
+
+def dataset_entry_problems(raw):
+    problems = []
+    for key in ("train_datasets", "eval_datasets"):
+        for i, entry in enumerate(raw.get(key) or []):
+            if not isinstance(entry, dict) or "path" not in entry:
+                problems.append(f"{key}[{i}]: expected {{path, video_root, weight, label_space, name}}, got {entry!r}")
+            elif set(entry) - DATASET_KEYS:
+                problems.append(f"{key}[{i}]: unknown key(s) {sorted(set(entry) - DATASET_KEYS)}; "
+                                f"allowed: {sorted(DATASET_KEYS)}")
+    return problems
+
+
+def task_problems(raw):
+    """What a command needs besides valid keys: data to train on, or a checkpoint to evaluate."""
+    if not raw.get("eval_only") and not raw.get("train_datasets"):
+        return ["train_datasets: at least one dataset is needed"]
+    if raw.get("eval_only") and not (raw.get("checkpoint") and raw.get("eval_datasets")):
+        return ["eval_only needs --checkpoint DIR and eval_datasets"]
+    return []
 
 
 def read_yaml(path):
@@ -671,10 +281,9 @@ def read_yaml(path):
     return raw
 
 
-def parse_config(argv, description=None, notes=None):
+def read_command_line(argv, description=None):
     """`--config FILE` and `--key value` overrides (the value parsed as YAML: "[a, b]" is a list; a
-    bare `--flag` is true) -> a validated Config. LLaMA-Factory/IVCP keys are translated first; pass a
-    list as `notes` to get the start-up lines saying what was translated or ignored, and why."""
+    bare `--flag` is true) -> (raw {key: value}, where: the file or "command line")."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with the experiment's keys")
     args, rest = parser.parse_known_args(argv)
@@ -687,16 +296,16 @@ def parse_config(argv, description=None, notes=None):
             raw[key[2:]] = yaml.safe_load(rest.pop(0)) if rest and not rest[0].startswith("--") else True
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: its value is not valid YAML ({e})") from None
-    raw, translated, problems = translate_lf_keys(raw)
-    if notes is not None:
-        notes.extend(format_notes(translated))
-    problems += config_problems(coerce_floats(raw))
-    if not problems and not raw.get("eval_only") and not raw.get("train_datasets"):
-        problems.append("train_datasets: at least one dataset is needed")
-    if not problems and raw.get("eval_only") and not (raw.get("checkpoint") and raw.get("eval_datasets")):
-        problems.append("eval_only needs --checkpoint DIR and eval_datasets")
+    return raw, args.config if args.config is not None else "command line"
+
+
+def validated_config(raw, where, problems=(), also_known=()):
+    """raw {key: value} -> Config, or one ConfigError listing `problems` (found before, e.g. by the
+    LLaMA-Factory translation) and every problem of the keys and values."""
+    problems = [*problems, *config_problems(coerce_floats(raw), also_known)]
+    if not problems:
+        problems = task_problems(raw)
     if problems:
-        where = args.config if args.config is not None else "command line"
         raise ConfigError(f"config error(s) in {where}:\n  " + "\n  ".join(problems))
     return Config(**raw)
 

@@ -20,16 +20,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from checkpoint import CheckpointError
 from config import ConfigError
-from model import ACT_TOKEN, CheckpointError, vision_geometry
+from llamafactory import renamed_record
+from model import ACT_TOKEN, vision_geometry
 from video import SINGLE_VIEW, DataError, VideoInfo, frame_size, load_sampled, num_frames_to_sample, probe_video
-from video import decode_frames  # noqa: F401  (data.decode_frames: the interface DESIGN.md names)
+from video import decode_frames  # noqa: F401  (data.decode_frames: the frame decoder, importable from here too)
 
 # A user's mistake in a config, a dataset or a checkpoint: the scripts' main turns these into one message
 # and exit code 1, without a traceback (tracebacks are for bugs).
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 VIDEO_TOKEN = "<video>"
+MAX_REPORT = 20  # problems listed in one error; the rest are counted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,34 +117,20 @@ def resolve_video(path, video_root, record_file):
     return joined
 
 
-def renamed_record(record, columns, tags):
-    """A record in a registry's own column and tag names (dataset_info.json `columns`, `tags`) ->
-    this format's names: messages [{role: user|assistant, content}], videos, action_label."""
-    if not isinstance(record, dict):
-        return record
-    out = {ours: record[theirs] for ours, theirs in (columns or {}).items() if theirs in record}
-    out = {**{k: v for k, v in record.items() if k not in (columns or {}).values()}, **out}
-    if tags and isinstance(out.get("messages"), list):
-        roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
-        out["messages"] = [{"role": roles.get(m.get(tags["role_tag"]), m.get(tags["role_tag"])),
-                            "content": m.get(tags["content_tag"])} if isinstance(m, dict) else m
-                           for m in out["messages"]]
-    return out
-
-
-def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_report=20,
-                 columns=None, tags=None, max_samples=None):
+def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_samples=None,
+                 rename=None):
     """Reads and validates a whole dataset file up front, so a bad record fails the run before any
     GPU time is spent. All problems are collected and reported together, with file:line.
     `max_samples`: only the file's first N records (LLaMA-Factory's max_samples), the rest unread.
+    `rename`: record -> record in this format (a registry's own columns and tags: llamafactory.renamed_record).
 
     Returns (samples, bad_videos): records whose video file is missing or empty are not errors here
     but listed in bad_videos, so the caller can apply its tolerance (max_bad_video_fraction)."""
     samples, problems, bad_videos = [], [], []
     for lineno, record in itertools.islice(read_records(path), max_samples):
         where = f"{path}:{lineno}"
-        if columns or tags:
-            record = renamed_record(record, columns, tags)
+        if rename is not None:
+            record = rename(record)
         found = record_problems(record, num_classes, require_label)
         problems += [f"{where}: {p}" for p in found]
         if found:
@@ -154,20 +143,20 @@ def load_samples(path, video_root, num_classes, label_space="default", require_l
         else:
             samples.append(Sample(video, record["messages"], record.get("action_label"), label_space, where))
     if problems:
-        more = f"\n... and {len(problems) - max_report} more" if len(problems) > max_report else ""
-        raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(problems[:max_report]) + more)
+        more = f"\n... and {len(problems) - MAX_REPORT} more" if len(problems) > MAX_REPORT else ""
+        raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(problems[:MAX_REPORT]) + more)
     if not samples and not bad_videos:
         raise DataError(f"{path}: no records")
     return samples, bad_videos
 
 
-def check_bad_videos(bad_videos, total, max_fraction, max_report=20):
+def check_bad_videos(bad_videos, total, max_fraction):
     """Fails when more than max_fraction of the samples have unusable videos (a wrong video_root
     makes them all missing); otherwise returns a warning listing them (or None)."""
     if not bad_videos:
         return None
-    listing = "\n".join(bad_videos[:max_report]) + (f"\n... and {len(bad_videos) - max_report} more"
-                                                    if len(bad_videos) > max_report else "")
+    listing = "\n".join(bad_videos[:MAX_REPORT]) + (f"\n... and {len(bad_videos) - MAX_REPORT} more"
+                                                    if len(bad_videos) > MAX_REPORT else "")
     summary = f"{len(bad_videos)} of {total} samples have unusable videos ({len(bad_videos) / total:.1%})"
     if len(bad_videos) > max_fraction * total:
         raise DataError(f"{summary}, more than max_bad_video_fraction={max_fraction}:\n{listing}\n"
@@ -175,9 +164,32 @@ def check_bad_videos(bad_videos, total, max_fraction, max_report=20):
     return f"skipping them: {summary}:\n{listing}"
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # Dataset items and batches
+
+@dataclass
+class Item:
+    """One view of one sample, as VideoDataset gives it to the Collator."""
+    sample: Sample
+    frames: np.ndarray  # (T, H, W, 3) uint8: the sampled frames, scaled and cropped to the view
+    indices: np.ndarray  # (T,) their 0-based indices in the video
+    info: VideoInfo  # the video's frame count, fps and size
+    index: int  # the sample asked for (its position in the dataset)
+    valid: bool  # False when another sample stood in for an unreadable video in evaluation
+    skipped: list  # "file:line: why" of unreadable videos passed over to get here
+
+
+@dataclass
+class Batch:
+    """What the Collator makes of a list of Items: one label space, the model's inputs and the rest."""
+    inputs: dict  # model inputs: every tensor the processor returns, act_index (B,), answer_mask (B, L) if asked
+    labels: torch.Tensor  # (B,) class index; -100 where nothing counts (no label, or a stand-in)
+    label_space: str  # which head the batch goes through
+    index: torch.Tensor  # (B,) Item.index
+    sources: list  # "file:line" of each record
+    valid: torch.Tensor  # (B,) Item.valid
+    skipped: list  # every Item's skipped messages
+
 
 class VideoDataset(torch.utils.data.Dataset):
     """Items are addressed as (index, epoch, train, view): the random frame offsets come from a
@@ -201,19 +213,14 @@ class VideoDataset(torch.utils.data.Dataset):
             i = (index + attempt) % len(self.samples)
             if self.samples[i].label_space != space:  # a batch holds one label space
                 continue
+            rng = np.random.default_rng([self.seed, epoch, i]) if train else None
             try:
-                item = self.load(i, epoch, train, view)
+                info, indices, frames = load_sampled(self.samples[i].video, self.settings, rng, view)
             except DataError as e:
                 skipped.append(f"{self.samples[i].source}: {e}")
                 continue
-            return {**item, "index": index, "valid": train or i == index, "skipped": skipped}
+            return Item(self.samples[i], frames, indices, info, index, train or i == index, skipped)
         raise DataError(f"no readable video among {len(self.samples)} samples:\n" + "\n".join(skipped[:20]))
-
-    def load(self, index, epoch, train, view):
-        sample = self.samples[index]
-        rng = np.random.default_rng([self.seed, epoch, index]) if train else None
-        info, indices, frames = load_sampled(sample.video, self.settings, rng, view)
-        return {"frames": frames, "indices": indices, "info": info, "sample": sample}
 
 
 def prompt_messages(messages):
@@ -274,44 +281,38 @@ class Collator:
     def __call__(self, items):
         from transformers.video_utils import VideoMetadata  # here, not at the top: workers import it once
 
-        spaces = {it["sample"].label_space for it in items}
+        spaces = {it.sample.label_space for it in items}
         if len(spaces) != 1:  # the batch plans never do this; a caller's own batches might
             raise ValueError(f"a batch mixes label spaces {sorted(spaces)}; batch each label space on its own")
-        metadata = [VideoMetadata(total_num_frames=it["info"].num_frames, fps=it["info"].fps,
-                                  frames_indices=it["indices"].tolist()) for it in items]
+        metadata = [VideoMetadata(total_num_frames=it.info.num_frames, fps=it.info.fps,
+                                  frames_indices=it.indices.tolist()) for it in items]
         if self.answer_tokens:
-            turns = [answer_turn(self.processor, it["sample"].messages) for it in items]
+            turns = [answer_turn(self.processor, it.sample.messages) for it in items]
             texts = [prompt + answer for prompt, answer in turns]
         else:
-            texts = [prompt_text(self.processor, it["sample"].messages) for it in items]
+            texts = [prompt_text(self.processor, it.sample.messages) for it in items]
         batch = self.processor(
             text=texts,
-            videos=[it["frames"] for it in items], video_metadata=metadata, do_resize=False,
+            videos=[it.frames for it in items], video_metadata=metadata, do_resize=False,
             do_sample_frames=False, padding=True, return_tensors="pt")
         is_act = batch["input_ids"] == self.act_token_id
         if not (is_act.sum(1) == 1).all():
-            bad = [it["sample"].source for it, n in zip(items, is_act.sum(1).tolist()) if n != 1]
+            bad = [it.sample.source for it, n in zip(items, is_act.sum(1).tolist()) if n != 1]
             raise DataError(f"{bad}: the tokenized prompt must hold exactly one <ACT> token; check that the "
                             f"records' text has no other {ACT_TOKEN} and the chat template keeps it")
-        labels = [it["sample"].label if it["valid"] else None for it in items]
+        labels = [it.sample.label if it.valid else None for it in items]
         # Every tensor the family's processor returns goes to its forward: input_ids, attention_mask,
         # pixel_values_videos, video_grid_thw, mm_token_type_ids (M-RoPE), and Qwen2.5-VL's
         # second_per_grid_ts; Qwen3-VL puts the frame times into the text instead.
         inputs = {key: value for key, value in batch.items() if torch.is_tensor(value)}
         inputs["act_index"] = is_act.int().argmax(1)
         if self.answer_tokens:
-            counts = [answer_token_count(self.processor.tokenizer, prompt, answer, it["sample"].source)
+            counts = [answer_token_count(self.processor.tokenizer, prompt, answer, it.sample.source)
                       for (prompt, answer), it in zip(turns, items)]
             inputs["answer_mask"] = answer_mask(batch["attention_mask"], torch.tensor(counts))
-        return {
-            "inputs": inputs,
-            "labels": torch.tensor([-100 if label is None else label for label in labels]),
-            "label_space": spaces.pop(),
-            "index": torch.tensor([it["index"] for it in items]),
-            "sources": [it["sample"].source for it in items],  # "file:line" of each record
-            "valid": torch.tensor([it["valid"] for it in items]),
-            "skipped": [msg for it in items for msg in it["skipped"]],
-        }
+        return Batch(inputs, torch.tensor([-100 if label is None else label for label in labels]), spaces.pop(),
+                     torch.tensor([it.index for it in items]), [it.sample.source for it in items],
+                     torch.tensor([it.valid for it in items]), [msg for it in items for msg in it.skipped])
 
 
 def answer_mask(attention_mask, counts):
@@ -348,11 +349,11 @@ def video_text_per_group(processor, act_token_id):
     side, step = geometry["resize_factor"], geometry["temporal_patch_size"]
     lengths = []
     for frames in (step, 2 * step):
-        item = {"sample": Sample(None, [{"role": "user", "content": "<video>"},
-                                        {"role": "assistant", "content": ACT_TOKEN}], 0, "default", "probe"),
-                "frames": np.zeros((frames, side, side, 3), np.uint8), "indices": np.arange(frames),
-                "info": VideoInfo(frames, 2.0, side, side), "valid": True, "index": 0, "skipped": []}
-        lengths.append(Collator(processor, act_token_id)([item])["inputs"]["input_ids"].shape[1])
+        sample = Sample(None, [{"role": "user", "content": VIDEO_TOKEN}, {"role": "assistant", "content": ACT_TOKEN}],
+                        0, "default", "probe")
+        item = Item(sample, np.zeros((frames, side, side, 3), np.uint8), np.arange(frames),
+                    VideoInfo(frames, 2.0, side, side), 0, True, [])
+        lengths.append(Collator(processor, act_token_id)([item]).inputs["input_ids"].shape[1])
     return lengths[1] - lengths[0] - 1  # one patch of side x side is one <|video_pad|> token
 
 
@@ -472,8 +473,10 @@ def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0,
     for entry in entries:
         space = entry.get("label_space", "default")
         spaces.append(space)
+        renaming = entry.get("columns") or entry.get("tags")
+        rename = (lambda r, e=entry: renamed_record(r, e.get("columns"), e.get("tags"))) if renaming else None
         part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label,
-                                 columns=entry.get("columns"), tags=entry.get("tags"), max_samples=max_samples)
+                                 max_samples, rename)
         samples, bad_videos = samples + part, bad_videos + bad
         counts.append(len(part))
         weights.append(float(entry.get("weight", 1.0)))

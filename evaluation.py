@@ -17,21 +17,15 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from config import ConfigError, head_sizes
+from checkpoint import write_atomically, write_text
+from config import head_sizes
 from data import eval_batches, make_loader
+from distributed import all_gather, all_reduce_sums
 
 
 def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-
-
-def all_reduce_sums(values, device):
-    """Element-wise sums over the ranks (float64, so counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def eval_views(cfg):
@@ -53,42 +47,44 @@ def eval_loader(mix, collate, cfg, world, rank):
     return make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed)
 
 
-def check_even_eval_batches(evals, world):
-    """FSDP2: every forward all-gathers, so a rank with an extra eval batch would wait forever."""
-    counts = [None] * world
-    dist.all_gather_object(counts, len(evals))
-    if len(set(counts)) > 1:
-        raise ConfigError(f"fsdp: the ranks would run {counts} eval batches; each FSDP forward is a "
-                          f"collective, so they must be equal: use an eval set whose size is a multiple "
-                          f"of {world} x per_device_eval_batch_size")
-
-
 @torch.no_grad()
-def view_probabilities(model, loader, num_views, autocast, device):
+def batch_probabilities(model, batch, num_views, context, device):
+    """One batch's softmax probabilities divided by the view count (a view's share of the average),
+    float64 on the CPU: (B, num_classes). `context`: autocast or nullcontext."""
+    with context:
+        logits = model(batch.label_space, **{k: v.to(device) for k, v in batch.inputs.items()}).float()
+    return logits.softmax(-1).cpu().double() / num_views
+
+
+def averaged_views(model, loader, num_views, context, device, skipped):
+    """Yields (index, probabilities, label or -1, record, readable) for each sample as soon as all
+    `num_views` of its views have gone through the model: softmax probabilities averaged over the
+    views. Evaluation and inference both average this way. `readable` is False when another
+    sample stood in for its video in any view; `skipped` collects those videos' messages."""
+    totals, seen, unreadable = {}, {}, set()
+    for batch in loader:
+        probs = batch_probabilities(model, batch, num_views, context, device)
+        skipped.extend(batch.skipped)
+        for row, (index, valid) in enumerate(zip(batch.index.tolist(), batch.valid.tolist())):
+            totals[index] = totals[index] + probs[row] if index in totals else probs[row]
+            seen[index] = seen.get(index, 0) + 1
+            if not valid:  # another video stood in for it: its probabilities are not this video's
+                unreadable.add(index)
+            if seen[index] == num_views:
+                label = batch.labels[row].item()
+                yield index, totals.pop(index), max(label, -1), batch.sources[row], index not in unreadable
+
+
+def view_probabilities(model, loader, num_views, context, device):
     """Softmax probabilities averaged over the views, for every sample the loader yields (each
     sample once per view): {index: (probabilities, label or -1, record, readable)}. Also returns
     the messages of unreadable videos (another sample stood in for them; they count nowhere)."""
     was_training = model.training
     model.eval()
-    out, skipped = {}, set()
-    for batch in loader:
-        probs = batch_probabilities(model, batch, num_views, autocast, device)
-        for row, index in enumerate(batch["index"].tolist()):
-            total = out[index][0] + probs[row] if index in out else probs[row]
-            label = batch["labels"][row].item()
-            out[index] = (total, label if label >= 0 else -1, batch["sources"][row], bool(batch["valid"][row]))
-        skipped.update(batch["skipped"])
+    skipped = []
+    out = {index: rest for index, *rest in averaged_views(model, loader, num_views, context, device, skipped)}
     model.train(was_training)
-    return out, sorted(skipped)
-
-
-@torch.no_grad()
-def batch_probabilities(model, batch, num_views, autocast, device):
-    """One batch's softmax probabilities divided by the view count (a view's share of the average),
-    float64 on the CPU: (B, num_classes)."""
-    with autocast:
-        logits = model(batch["label_space"], **{k: v.to(device) for k, v in batch["inputs"].items()}).float()
-    return logits.softmax(-1).cpu().double() / num_views
+    return out, sorted(set(skipped))
 
 
 def evaluate(model, loader, mix, cfg, device):
@@ -112,9 +108,7 @@ def evaluate(model, loader, mix, cfg, device):
         count = confusion.sum().item()
         if count:
             results[name] = summarize(space, stats[0].item(), stats[1].item(), confusion)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, skipped)
-    return results, probs, sorted(set().union(*gathered))
+    return results, probs, sorted(set().union(*all_gather(skipped)))
 
 
 def summarize(space, loss_sum, top5_hits, confusion):
@@ -229,11 +223,11 @@ def write_eval_outputs(cfg, mix, results, rows, skipped):
                      for c in range(len(names)) if confusion[c].sum() > 0}
         summary["datasets"][name] = {**{k: v for k, v in r.items() if k != "confusion"}, "per_class": per_class,
                                      "confusion": confusion.long().tolist()}
-        Image.fromarray(confusion_image(confusion, names)).save(os.path.join(cfg.output_dir, f"confusion_{name}.png"))
+        picture = Image.fromarray(confusion_image(confusion, names))
+        write_atomically(os.path.join(cfg.output_dir, f"confusion_{name}.png"),
+                         lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
         print(f"{name}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} mean class acc {r['mean_class_acc']:.4f} "
               f"loss {r['loss']:.4f} ({r['count']} samples)")
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(cfg.output_dir, "predictions.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_text(os.path.join(cfg.output_dir, "eval.json"), json.dumps(summary, indent=1))
+    write_text(os.path.join(cfg.output_dir, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote eval.json, predictions.jsonl and confusion_*.png to {cfg.output_dir}")

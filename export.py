@@ -20,14 +20,13 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import sys
-import tempfile
 
+from checkpoint import EXPORT_FILE, CheckpointError, folder_kind, write_atomically
 from config import ConfigError
 from data import USER_ERRORS
-from inference import DTYPES, EXPORT_FILE, VideoClassifier
-from model import CheckpointError, merged_backbone
+from inference import DTYPES, VideoClassifier
+from model import merged_backbone
 
 SHARD_SIZE = "2GB"
 
@@ -49,25 +48,17 @@ def main(argv=None):
 
 
 def export(checkpoint, out, dtype):
-    if os.path.isfile(os.path.join(checkpoint, EXPORT_FILE)):
+    if folder_kind(checkpoint) == "export":
         raise CheckpointError(f"{checkpoint} is an export already; export.py takes a checkpoint folder")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"--out {out} exists and is not an empty folder; remove it or choose another")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")  # fails early if unwritable
-    try:
-        write_export(checkpoint, tmp, dtype)
-        fsync_tree(tmp)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_atomically(out, lambda tmp: write_export(checkpoint, tmp, dtype))  # an empty `out` is replaced
     return out
 
 
 def write_export(checkpoint, directory, dtype):
+    os.makedirs(directory)  # fails early, before the model loads, when the folder cannot be written
     # Merged in fp32 (the adapters' deltas are added before any rounding), then cast once.
     clf = VideoClassifier.from_pretrained(checkpoint, device="cpu", fp32=True)
     manifest = clf.manifest(dtype, source=os.path.abspath(checkpoint))
@@ -145,13 +136,6 @@ def model_card(vlm, manifest, classes, metrics, tied):
               "Many videos: `python predict.py --checkpoint THIS_FOLDER videos/ --out results.jsonl "
               "--num_workers 4`.", ""]
     return "\n".join(lines)
-
-
-def fsync_tree(directory):
-    for dirpath, _, files in os.walk(directory):  # on disk before the rename makes it visible
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
 
 
 def folder_size(directory):

@@ -13,23 +13,21 @@ not Hugging Face's own format.
 """
 
 import dataclasses
-import json
 import os
 import sys
 from contextlib import nullcontext
 
 import torch
 
+from checkpoint import (CONFIG_FILE, EXPORT_FILE, EXPORT_FORMAT, CheckpointError, folder_kind, load_weights,
+                        read_classes, read_json)
 from config import ConfigError, head_sizes, saved_config, video_settings
 from data import Collator, DataError, Sample, VideoDataset, load_samples, make_loader
-from evaluation import batch_probabilities, class_names, eval_views
-from model import (ACT_TOKEN, CheckpointError, build_classifier, load_exported, load_processor, load_weights,
-                   vision_geometry)
+from evaluation import averaged_views, class_names, eval_views
+from model import ACT_TOKEN, build_classifier, load_exported, load_processor, vision_geometry
 from prepare.records import DEFAULT_MESSAGES
 from video import VideoSettings
 
-EXPORT_FILE = "actcls.json"  # marks an export folder; its schema: VideoClassifier.manifest
-EXPORT_FORMAT = 1
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -50,9 +48,10 @@ class VideoClassifier:
         """An export.py folder or a checkpoints/step_NNNNNNN (or best) folder. `fp32`: load a
         checkpoint's base in fp32 even when it trained in bf16 (export.py merges adapters there)."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if os.path.isfile(os.path.join(path, EXPORT_FILE)):
+        kind = folder_kind(path)
+        if kind == "export":
             return cls.from_export(path, device)
-        if os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isfile(os.path.join(path, "trainer_state.json")):
+        if kind == "checkpoint":
             return cls.from_checkpoint(path, device, fp32)
         raise CheckpointError(f"{path}: neither a checkpoint folder (config.yaml, trainer_state.json) nor an "
                               f"export ({EXPORT_FILE}); pass runs/NAME/checkpoints/step_NNNNNNN (or best), or "
@@ -62,13 +61,13 @@ class VideoClassifier:
     def from_checkpoint(cls, checkpoint, device, fp32=False):
         """Rebuilds the model from the checkpoint's own config (its base model must be where
         model_name_or_path says) and loads its weights and class names."""
-        cfg = saved_config(os.path.join(checkpoint, "config.yaml"))
+        cfg = saved_config(os.path.join(checkpoint, CONFIG_FILE))
         cfg.gradient_checkpointing, cfg.action_decoder_path = False, None  # inference; the weights come from here
         if fp32:
             cfg.bf16 = False
         processor, model = build_classifier(cfg, head_sizes(cfg))
         load_weights(model, checkpoint)
-        saved = read_classes(os.path.join(checkpoint, "classes.json"))
+        saved = read_classes(checkpoint)
         classes = {}
         for space, head in model.heads.items():
             classes[space] = class_names(saved, space, head.config["num_classes"])
@@ -81,7 +80,7 @@ class VideoClassifier:
     @classmethod
     def from_export(cls, directory, device):
         """Needs nothing outside `directory`: the merged backbone loads through plain from_pretrained."""
-        manifest = read_json(os.path.join(directory, EXPORT_FILE), CheckpointError)
+        manifest = read_json(os.path.join(directory, EXPORT_FILE))
         if manifest.get("format") != EXPORT_FORMAT:
             raise CheckpointError(f"{directory}/{EXPORT_FILE}: export format {manifest.get('format')!r}, this "
                                   f"version reads {EXPORT_FORMAT}")
@@ -91,8 +90,7 @@ class VideoClassifier:
                                   f"made with {manifest['act_token_id']}")
         spaces = list(manifest["heads"])
         model = load_exported(directory, act_token_id, spaces, DTYPES[manifest["dtype"]])
-        classes = {space: read_json(os.path.join(directory, "heads", space, "classes.json"), CheckpointError)
-                   for space in spaces}
+        classes = {space: read_json(os.path.join(directory, "heads", space, "classes.json")) for space in spaces}
         views = [tuple(v) for v in manifest["views"]]
         return cls(model.to(device).eval(), processor, classes, VideoSettings(**manifest["video"]), views,
                    manifest["prompt"], False, device)
@@ -145,18 +143,12 @@ class VideoClassifier:
         collate = Collator(self.processor, self.model.act_token_id)
         loader = make_loader(VideoDataset(samples, self.settings), plan, collate, num_workers, seed=0)
         context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16_autocast else nullcontext()
-        totals, seen, unreadable, messages, done = {}, {}, set(), [], 0
-        for batch in loader:
-            probs = batch_probabilities(self.model, batch, len(views), context, self.device)
-            messages += batch["skipped"]
-            for row, (index, valid) in enumerate(zip(batch["index"].tolist(), batch["valid"].tolist())):
-                totals[index] = totals[index] + probs[row] if index in totals else probs[row]
-                seen[index] = seen.get(index, 0) + 1
-                if not valid:  # another video stood in for it: its probabilities are not this video's
-                    unreadable.add(index)
-            while done < n and seen.get(done) == len(views):  # emit in input order
-                p, sample = totals.pop(done), samples[done]
-                if done in unreadable:
+        ready, messages, done = {}, [], 0
+        for index, p, _, _, readable in averaged_views(self.model, loader, len(views), context, self.device, messages):
+            ready[index] = p, readable
+            while done in ready:  # emit in input order
+                (p, readable), sample = ready.pop(done), samples[done]
+                if not readable:
                     why = [m for m in messages if m.startswith(sample.source + ": ")]
                     yield sample, None, why[0] if why else f"{sample.source}: unreadable video"
                 else:
@@ -174,21 +166,3 @@ class VideoClassifier:
             results.append({"video": sample.video, "error": error} if top is None else
                            {"video": sample.video, "top": [(names[c], p) for c, p in top]})
         return results
-
-
-def read_json(path, error):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: cannot read it ({e})") from None
-
-
-def read_classes(path):
-    """A checkpoint's classes.json: {label_space: [names]}; absent means class indices as names."""
-    if not os.path.exists(path):
-        return {}
-    classes = read_json(path, CheckpointError)
-    if not isinstance(classes, dict):
-        raise CheckpointError(f"{path}: expected {{label_space: [class names]}}, got a {type(classes).__name__}")
-    return classes

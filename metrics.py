@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 
+from checkpoint import write_text
 from config import ConfigError, report_targets
 
 
@@ -26,9 +27,7 @@ class MetricsLog:
         if os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_text(path, "".join(kept))
         self.file = open(path, "a")
         targets = report_targets(cfg.report_to)
         if "tensorboard" in targets:

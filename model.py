@@ -22,24 +22,16 @@ Design choices, each for a reason:
   change its hidden state. With the token loss on, they are cut after the answer's last token.
 """
 
-import hashlib
-import json
 import os
-import pickle
-import zipfile
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from config import IVCP_TRANSFORMER_HEAD, ConfigError, write_config
+from checkpoint import CheckpointError
+from config import ConfigError
 from decoder import TRANSFORMER_TYPES, ActionDecoder, from_ivcp, ivcp_decoder_type
+from llamafactory import IVCP_TRANSFORMER_HEAD
 
 ACT_TOKEN = "<ACT>"
 # Module names, the same in every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE)):
@@ -49,10 +41,6 @@ VISION_BLOCKS_PREFIX = "model.visual.blocks."
 # The multi-modal projector: the merger, plus Qwen3-VL's deepstack mergers, which project
 # intermediate vision features into the first language-model layers.
 PROJECTOR_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded into this model/config; the message says why."""
 
 
 def load_processor(path, trust_remote_code=False):
@@ -83,7 +71,7 @@ def load_vlm(cfg, act_token_id):
         cfg.model_name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code)
     rows = vlm.get_input_embeddings().weight.shape[0]
-    if act_token_id >= rows:  # Qwen2.5-VL's table has spare rows, so this is for other tokenizers
+    if act_token_id >= rows:  # every Qwen-VL family's table has spare rows: this is for other tokenizers
         vlm.resize_token_embeddings(act_token_id + 1)
     return vlm
 
@@ -182,15 +170,14 @@ class ActionClassifier(nn.Module):
 
     def act_hidden(self, input_ids, act_index, **inputs):
         """Last-layer hidden state at each row's <ACT> token: (B, hidden)."""
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self.last_hidden_state(input_ids, **inputs)[rows, act_index]
+        return at_positions(self.last_hidden_state(input_ids, **inputs), act_index)
 
     def forward(self, label_space, input_ids, act_index, answer_mask=None, **inputs):
         """Class logits (B, classes). With `answer_mask` (data.Collator's when
         action_cls_token_loss_weight > 0): (logits, the LM loss on the answer tokens)."""
         hidden = self.last_hidden_state(input_ids, **inputs)
         head = self.heads[label_space]
-        act = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), act_index]
+        act = at_positions(hidden, act_index)
         logits = head(act, *masked_rows(hidden, input_ids == self.video_token_id)) if head.uses_video else head(act)
         if answer_mask is None:
             return logits
@@ -210,6 +197,11 @@ class ActionClassifier(nn.Module):
             # as in the exported model (merged_backbone writes it into the shared table)
             logits[:, self.act_token_id] = states @ self.act_embedding.to(states.dtype)
         return F.cross_entropy(logits.float(), input_ids[answer_mask])
+
+
+def at_positions(hidden, index):
+    """hidden (B, L, H), index (B,) -> (B, H): each row's state at its own position."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
 def masked_rows(hidden, mask):
@@ -322,264 +314,3 @@ def build_optimizer(model, cfg):
     assert sorted(grouped) == sorted(trainable) and len(set(grouped)) == len(grouped), \
         "every trainable parameter must be in exactly one optimizer group"
     return torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Weights: only what trains is saved (adapters / trained layers, the <ACT> row, the heads); the
-# frozen base comes from model_name_or_path again.
-
-def full_trainable_state(model, keep=True):
-    """Every trainable parameter (adapters / trained layers, the <ACT> row, the heads) by name, as a
-    whole CPU tensor. Under FSDP2 (train.py's `fsdp`) each parameter is a DTensor shard and
-    `full_tensor()` all-gathers it: a collective, so then every rank must call this (the same
-    parameters in the same order: named_parameters). `keep=False`, on ranks that do not write:
-    gather and drop, so only the writer holds a CPU copy (one whole parameter at a time elsewhere)."""
-    state = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            whole = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
-            if keep:
-                state[name] = whole.contiguous().cpu()
-    return state
-
-
-def trainable_backbone_state(model):
-    return {name: t for name, t in full_trainable_state(model).items() if not name.startswith("heads.")}
-
-
-def save_weights(model, directory, state=None):
-    """`state`: full_trainable_state(model) gathered beforehand (FSDP2: every rank gathers, one
-    writes); by default it is gathered here. The files are the same either way, so a checkpoint
-    written by a sharded run loads into a plain model (load_weights, predict.py, a DDP resume)."""
-    state = full_trainable_state(model) if state is None else state
-    os.makedirs(directory, exist_ok=True)
-    save_file({k: v for k, v in state.items() if not k.startswith("heads.")},
-              os.path.join(directory, "trainable.safetensors"))
-    for space, head in model.heads.items():
-        prefix = f"heads.{space}."
-        with torch.device("meta"):  # a plain twin to write from (the model's own may be sharded); no RNG drawn
-            twin = ActionDecoder(**head.config)
-        twin.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, assign=True)
-        twin.save_pretrained(os.path.join(directory, "heads", space))
-
-
-def load_weights(model, directory):
-    """Loads what save_weights wrote. Every key must match both ways: a checkpoint from another
-    model, LoRA setting or head layout is an error, never a silent partial load. Into a plain
-    model: train.py loads before FSDP2 shards it (DTensor parameters do not take copy_ from a whole tensor)."""
-    try:
-        state = load_file(os.path.join(directory, "trainable.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"{directory}: cannot read trainable.safetensors ({e}); is it a checkpoints/step_* "
-                              f"folder?") from None
-    expected = trainable_backbone_state(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {directory} does not match this model/config: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            if params[name].shape != value.shape:
-                raise CheckpointError(f"checkpoint {directory}: {name} has shape {tuple(value.shape)}, "
-                                 f"this model expects {tuple(params[name].shape)}")
-            params[name].copy_(value)
-    for space, head in model.heads.items():
-        saved = ActionDecoder.from_pretrained(os.path.join(directory, "heads", space))
-        if saved.config != head.config:
-            raise CheckpointError(f"checkpoint {directory}: head {space!r} is {saved.config}, the config asks for "
-                                  f"{head.config}")
-        head.load_state_dict(saved.state_dict())
-
-
-def optimizer_state(model, optimizer, keep=True):
-    """optimizer.state_dict() keyed by parameter name instead of position, with whole CPU tensors:
-    the layout of torch.distributed.checkpoint's full optimizer state dict, so one optimizer.pt
-    loads sharded or not. FSDP2's Adam moments are DTensor shards, all-gathered here: a collective,
-    every rank calls this; `keep=False` ranks drop the result (only the writer holds a copy)."""
-    name_of = {p: n for n, p in model.named_parameters()}
-    names = [name_of[p] for group in optimizer.param_groups for p in group["params"]]  # position -> name
-    packed = optimizer.state_dict()
-    state = {}
-    for i in sorted(packed["state"]):  # the same order on every rank
-        whole = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in packed["state"][i].items()}
-        if keep:
-            state[names[i]] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in whole.items()}
-    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in packed["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def load_optimizer_state(path, model, optimizer):
-    """Loads optimizer_state's file into `optimizer`, sharding each moment like its parameter when
-    that is a DTensor. Not torch.distributed.checkpoint's set_optimizer_state_dict: a fresh
-    optimizer gets a zero-gradient warm-up step there, so a parameter without saved state (a head
-    not trained yet) would resume at Adam step 1 instead of 0 (inexact), and its strict mode
-    rejects such a parameter. Group names and parameter names must match exactly."""
-    saved = torch.load(path, weights_only=True)
-    name_of = {p: n for n, p in model.named_parameters()}
-    mine = [(g["name"], [name_of[p] for p in g["params"]]) for g in optimizer.param_groups]
-    theirs = [(g.get("name"), g["params"]) for g in saved["param_groups"]]
-    unknown = sorted(set(saved["state"]) - {n for _, names in mine for n in names})
-    if mine != theirs or unknown:
-        if any(isinstance(n, int) for _, names in theirs for n in names):
-            raise CheckpointError(f"{path} keys Adam's state by position (written before it was keyed by "
-                                  f"parameter name); it cannot be resumed by this version")
-        raise CheckpointError(f"{path} does not match this model/config's optimizer groups: saved "
-                              f"{[(g, len(ns)) for g, ns in theirs]}, expected {[(g, len(ns)) for g, ns in mine]}"
-                              + (f"; unknown parameters {unknown[:5]}" if unknown else ""))
-
-    def like(value, param):
-        if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
-            # each rank keeps its own slice of the whole tensor (src_data_rank=None: no communication)
-            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-        return value
-
-    state, groups, position = {}, [], 0
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        ids = list(range(position, position + len(group["params"])))
-        for i, p in zip(ids, group["params"]):
-            if name_of[p] in saved["state"]:
-                state[i] = {k: like(v, p) for k, v in saved["state"][name_of[p]].items()}
-        groups.append({**saved_group, "params": ids})
-        position += len(ids)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoint folders (train.py writes them atomically): weights, optimizer.pt, config.yaml,
-# classes.json, trainer_state.json (with the base model's fingerprint), rng_rank*.pt
-
-def base_model_fingerprint(cfg):
-    """Which base weights a checkpoint's adapters belong to: the path, the family (model_type:
-    qwen2_5_vl, qwen3_vl, ...) and its config's hash."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"model_name_or_path": cfg.model_name_or_path, "model_type": config.model_type, "config_sha256": digest}
-
-
-def check_base_model(directory, cfg):
-    """A checkpoint's weights only fit the base model they were trained on (its trainer_state.json
-    says which): another family is one error, another size or config of the same family another."""
-    with open(os.path.join(directory, "trainer_state.json")) as f:
-        saved_base = json.load(f).get("base_model")
-    if saved_base is None:  # written before fingerprints existed
-        return
-    base = base_model_fingerprint(cfg)
-    saved_type = saved_base.get("model_type")
-    if saved_type is not None and saved_type != base["model_type"]:
-        raise CheckpointError(f"{directory} was trained on a {saved_type} model ({saved_base['model_name_or_path']}), "
-                              f"but this config's model_name_or_path {base['model_name_or_path']} is a "
-                              f"{base['model_type']} model: a checkpoint only loads onto its own family; point "
-                              f"model_name_or_path at the checkpoint's base model")
-    if saved_base["config_sha256"] != base["config_sha256"]:
-        raise CheckpointError(f"{directory} was trained on {saved_base['model_name_or_path']}, but this config's "
-                              f"model_name_or_path is {base['model_name_or_path']} (a different architecture/config): "
-                              f"point model_name_or_path at the checkpoint's base model")
-
-
-def gather_training_state(model, optimizer, keep=True):
-    """(weights, optimizer state) as whole CPU tensors keyed by name: what write_checkpoint_files
-    writes. Under FSDP2 a collective: every rank calls it, ranks with keep=False drop the result.
-    optimizer None (save_only_model): (weights, None)."""
-    reshard_fsdp(model)
-    return full_trainable_state(model, keep), None if optimizer is None else optimizer_state(model, optimizer, keep)
-
-
-def write_checkpoint_files(directory, model, gathered, state, cfg, classes):
-    """gathered: gather_training_state's (weights, optimizer state); no optimizer.pt when that is None
-    (save_only_model: state then says weights_only)."""
-    weights, optim = gathered
-    save_weights(model, directory, weights)
-    if optim is not None:
-        torch.save(optim, os.path.join(directory, "optimizer.pt"))  # the schedule is a function of step
-    write_config(cfg, os.path.join(directory, "config.yaml"))
-    with open(os.path.join(directory, "classes.json"), "w") as f:
-        json.dump(classes, f)
-    with open(os.path.join(directory, "trainer_state.json"), "w") as f:
-        json.dump({**state, "base_model": base_model_fingerprint(cfg)}, f)
-    for dirpath, _, files in os.walk(directory):  # on disk before the rename makes it visible
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-
-
-def checkpoint_problem(directory):
-    """Why a checkpoint folder cannot be read, or None. Every file a resume reads is opened the way it
-    will be read (safetensors headers checked against the file size, zip archives' directories,
-    JSON parsed), cheaply: tensors stay on disk. Whether the weights fit this model is
-    load_checkpoint's business, not this."""
-    if not os.path.isdir(directory):
-        return "not a folder"
-    try:
-        with open(os.path.join(directory, "trainer_state.json")) as f:
-            trainer = json.load(f)
-        trainer["step"]
-        for name in ["trainable.safetensors"] + [os.path.join("heads", space, "action_decoder.safetensors")
-                                                 for space in os.listdir(os.path.join(directory, "heads"))]:
-            with safe_open(os.path.join(directory, name), "pt"):
-                pass
-        optimizer = [] if trainer.get("weights_only") else ["optimizer.pt"]  # save_only_model: weights alone
-        for name in optimizer + [n for n in os.listdir(directory) if n.startswith("rng_rank")]:
-            if not os.path.isfile(os.path.join(directory, name)):
-                return f"{name} is missing"
-            if not zipfile.is_zipfile(os.path.join(directory, name)):  # torch.save writes zip archives
-                return f"{name} is not a torch.save archive (damaged, or not written by actcls)"
-            torch.load(os.path.join(directory, name), weights_only=True, mmap=True)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
-        # missing file, bad JSON, truncated header or zip, a pickle torch.load(weights_only) refuses
-        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-    return None
-
-
-def load_checkpoint(directory, model, cfg):
-    """A resume, part 1: the weights, into the plain model (before DDP or FSDP2 wraps it). Returns
-    the trainer state (step, epoch, position, best_metric, and weights_only for save_only_model)."""
-    if not os.path.isfile(os.path.join(directory, "trainer_state.json")):
-        raise CheckpointError(f"{directory} is not a checkpoint folder (no trainer_state.json): pass a "
-                              f"checkpoints/step_NNNNNNN folder")
-    problem = checkpoint_problem(directory)
-    if problem is not None:
-        raise CheckpointError(f"{directory}: the checkpoint cannot be read ({problem})")
-    with open(os.path.join(directory, "trainer_state.json")) as f:
-        state = json.load(f)
-    state.pop("base_model", None)
-    check_base_model(directory, cfg)
-    load_weights(model, directory)
-    return state
-
-
-# ---------------------------------------------------------------------------------------------------
-# FSDP2: sharding the classifier over the ranks (train.py's `fsdp`)
-
-def shard_fsdp(model, device, world):
-    """FSDP2 (`fully_shard`) for models that do not fit with DDP: each rank holds 1/world of every
-    parameter, gradient and Adam moment. Each language-model decoder layer and each vision block is
-    a unit (all-gathered just before it runs, freed after), then the root takes the rest (embedding
-    table, patch embedding, merger, final norm, <ACT> row, heads). In place: `model` keeps its methods
-    and parameter names, but its parameters become DTensor shards, so weights are loaded before this
-    and the optimizer is built after it. Returns `model`: it is its own wrapper."""
-    trained = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
-    if len(trained) > 1:  # a unit's gradients are reduce-scattered as one flat buffer of one dtype
-        raise ConfigError(f"fsdp: the trained parameters are {trained}; FSDP2 needs one dtype (with bf16, "
-                          f"lora/freeze keeps additional_target modules in bf16 beside fp32 adapters)")
-    with torch.no_grad():  # rank 0's weights everywhere, as DDP does (each rank seeded its random inits apart)
-        for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t, src=0)
-    mesh = init_device_mesh(device.type, (world,))
-    for block in [*model.backbone.language_model.layers, *model.backbone.visual.blocks]:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def reshard_fsdp(model):
-    """Before gathering whole tensors for a checkpoint. An eval forward leaves FSDP2's root unit
-    unsharded (it reshards the root after backward only), with plain tensors where the optimizer's
-    DTensors belong: reshard, so names and optimizer parameters line up again. No-op without FSDP2."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()

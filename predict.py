@@ -22,9 +22,9 @@ import time
 import torch
 from tqdm import tqdm
 
+from checkpoint import write_text
 from data import USER_ERRORS
 from inference import VideoClassifier
-
 
 
 def main(argv=None):
@@ -89,9 +89,7 @@ def finished_videos(path):
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return {r["video"] for r in rows}
 
 

@@ -1,4 +1,4 @@
-"""Train an <ACT> video action classifier on Qwen2.5-VL.
+"""Train an <ACT> video action classifier on a Qwen-VL model (any family: model.py), or evaluate one.
 
     python train.py --config configs/synthetic.yaml                       # one process (CPU demo)
     torchrun --nproc_per_node 8 train.py --config configs/ucf101.yaml     # DDP, one node
@@ -9,13 +9,9 @@ and dicts work (`--train_datasets '[{path: data/x.jsonl}]'`). `main(argv)` is th
 `train` builds the run, `train_loop` runs it.
 """
 
-import datetime
-import glob
 import math
 import os
-import shutil
 import signal
-import socket
 import sys
 import time
 import typing
@@ -23,21 +19,20 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import (Config, ConfigError, best_metric, head_sizes, parse_config, video_settings,
-                    write_config)
-from data import USER_ERRORS, Collator, DatasetMix, StepLayout, batch_stream, hold_out, load_datasets, steps_per_epoch
-from evaluation import (all_reduce_sums, autocast, check_even_eval_batches, class_names, confusion_image,
-                        eval_loader, evaluate, prediction_rows, write_eval_outputs)
+import checkpoint
+import distributed
+from config import Config, ConfigError, best_metric, head_sizes, video_settings, write_config
+from data import USER_ERRORS, DatasetMix, Collator, StepLayout, batch_stream, hold_out, load_datasets, steps_per_epoch
+from distributed import all_gather, all_reduce_sums, print0
+from evaluation import (autocast, class_names, confusion_image, eval_loader, evaluate, prediction_rows,
+                        write_eval_outputs)
+from llamafactory import parse_config
 from metrics import MetricsLog, check_reporters
-from model import (CheckpointError, build_classifier, build_optimizer, check_base_model, checkpoint_problem,
-                   gather_training_state, load_checkpoint, load_optimizer_state, load_processor, load_weights,
-                   shard_fsdp, vision_geometry, write_checkpoint_files)
-
+from model import build_classifier, build_optimizer, load_processor, vision_geometry
 
 
 def main(argv=None):
@@ -46,86 +41,19 @@ def main(argv=None):
         cfg = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__, notes=notes)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
-    rank, world, device = setup_distributed(cfg.ddp_timeout)
+    rank, world, device = distributed.setup(cfg.ddp_timeout)
     for line in notes:
         print0(line)
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
         if rank == 0:  # an evaluation must not overwrite its training run's config
-            write_config(cfg, os.path.join(cfg.output_dir, "eval_config.yaml" if cfg.eval_only else "config.yaml"))
+            name = "eval_config.yaml" if cfg.eval_only else "config.yaml"
+            checkpoint.write_atomically(os.path.join(cfg.output_dir, name), lambda tmp: write_config(cfg, tmp))
         (run_eval_only if cfg.eval_only else train)(cfg, rank, world, device)
     except USER_ERRORS as e:
         raise SystemExit(str(e)) from None
     finally:
-        dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Distributed: torchrun or a plain `python train.py` (world size 1); one code path either way.
-
-def setup_distributed(timeout_s=1800):
-    """timeout_s (ddp_timeout): how long the rendezvous and every collective wait for the other
-    ranks before failing (PyTorch's default is 30 min; a slow first evaluation or a shared-disk
-    stall on many nodes can need more)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:  # plain `python train.py`: a world of one, on a free port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    else:  # share the CPU cores between the local ranks instead of oversubscribing them
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    except dist.DistStoreError as e:  # the other ranks (nodes) never came: say which setting waited
-        raise SystemExit(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the other ranks did not join "
-                         f"within ddp_timeout={timeout_s}s ({e}). Start every node's torchrun with the same "
-                         f"--nnodes and rendezvous endpoint, or raise ddp_timeout.") from None
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def check_shared_output_dir(output_dir, rank, world, wait_s=5.0):
-    """Multi-node runs need output_dir on storage every node sees: rank 0 creates each checkpoint's
-    folder and every rank writes its RNG state into it; a resume reads it on every rank. Checked
-    before any step: rank 0 writes a marker with a fresh token, every rank must find it (listing the
-    folder, which makes NFS revalidate its cache; polled for `wait_s`). A collective: all ranks
-    raise the same ConfigError when one cannot see it."""
-    if world == 1:
-        return
-    sent = [(f"{time.time_ns()}-{os.getpid()}", socket.gethostname()) if rank == 0 else None]
-    dist.broadcast_object_list(sent, src=0)
-    (token, writer), = sent
-    marker = f".shared_check_{token}"
-    if rank == 0:
-        with open(os.path.join(output_dir, marker), "w") as f:
-            f.write(socket.gethostname())
-    dist.barrier()
-    deadline = time.monotonic() + wait_s
-    while not (seen := marker in os.listdir(output_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    blind = [None] * world
-    dist.all_gather_object(blind, None if seen else (rank, socket.gethostname(), os.path.abspath(output_dir)))
-    dist.barrier()  # every rank has looked: the marker can go
-    if rank == 0:
-        os.remove(os.path.join(output_dir, marker))
-    blind = [b for b in blind if b is not None]
-    if blind:
-        where = ", ".join(f"rank {r} on {host} (looked in {path})" for r, host, path in blind)
-        raise ConfigError(f"output_dir {output_dir} is not shared between the nodes: {where} cannot see the file "
-                          f"rank 0 wrote there on {writer}. Multi-node "
-                          f"runs need output_dir on storage every node mounts at the same path (NFS, Lustre, a "
-                          f"mounted bucket): every rank writes into the checkpoints rank 0 creates, and a resume "
-                          f"reads them on every node.")
-
-
-def print0(*args):
-    if dist.get_rank() == 0:
-        print(*args, flush=True)
+        distributed.teardown()
 
 
 def to_device(inputs, device):
@@ -165,44 +93,52 @@ def load_mix(cfg, entries, geometry):
     return mix
 
 
-def train(cfg, rank, world, device):
-    torch.manual_seed(cfg.seed + rank)
-    check_shared_output_dir(cfg.output_dir, rank, world)
-    check_reporters(cfg)
+def load_data_and_model(cfg, device):
+    """The start-up training and --eval_only share: the processor first (its family's frame geometry
+    scales the datasets' frames), the datasets (all records checked before the model loads), then
+    the classifier on `device`. Returns (processor, model, train_mix or None, eval_mix or None)."""
     processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
-    geometry = vision_geometry(processor)  # the family's frame sizes: the datasets scale frames to them
-    train_mix = load_mix(cfg, cfg.train_datasets, geometry)
+    geometry = vision_geometry(processor)
+    train_mix = None if cfg.eval_only else load_mix(cfg, cfg.train_datasets, geometry)
     eval_mix = load_mix(cfg, cfg.eval_datasets, geometry) if cfg.eval_datasets else None
-    if cfg.val_size > 0:  # the held-out part is the eval set (config.py refuses val_size with eval_datasets)
+    if train_mix is not None and cfg.val_size > 0:  # the held-out part is the eval set (never with eval_datasets)
         train_mix, eval_mix = hold_out(train_mix, cfg.val_size, cfg.seed)
         print0(f"val_size {cfg.val_size}: {len(eval_mix.dataset)} training samples held out for evaluation")
     processor, model = build_classifier(cfg, head_sizes(cfg), processor)
-    model.to(device).train()  # from_pretrained leaves the VLM in eval mode: no dropout, no gradient checkpointing
+    return processor, model.to(device), train_mix, eval_mix
+
+
+def train(cfg, rank, world, device):
+    torch.manual_seed(cfg.seed + rank)
+    distributed.check_shared_output_dir(cfg.output_dir, rank, world)
+    check_reporters(cfg)
+    processor, model, train_mix, eval_mix = load_data_and_model(cfg, device)
+    model.train()  # from_pretrained leaves the VLM in eval mode: no dropout, no gradient checkpointing
     collate = Collator(processor, model.act_token_id)
     evals = eval_loader(eval_mix, collate, cfg, world, rank) if eval_mix else None
     state = {"step": 0, "epoch": 0, "position": 0, "best_metric": None, "best_metric_name": None}
-    start = resume_dir(cfg)
+    start = checkpoint.resume_dir(cfg)
     if start is not None:  # weights first, into the plain model
-        state.update(load_checkpoint(start, model, cfg))
-        refuse_weights_only(start, state)
-        carry_best_over(state, cfg)
+        state.update(checkpoint.load_checkpoint(start, model, cfg))
+        checkpoint.refuse_weights_only(start, state)
+        compare_best_by(cfg, state)
     if cfg.fsdp and evals is not None:
-        check_even_eval_batches(evals, world)
-    wrapped = (shard_fsdp(model, device, world) if cfg.fsdp
+        distributed.check_even_eval_batches(len(evals), world)
+    wrapped = (distributed.shard_fsdp(model, device, world) if cfg.fsdp
                else DDP(model, find_unused_parameters=len(model.heads) > 1))
     optimizer = build_optimizer(model, cfg)  # after sharding: it must hold the DTensor parameters
     layout = StepLayout(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world, rank)
     steps = total_steps(cfg, train_mix, layout)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     if start is not None:
-        load_training_state(start, model, optimizer, scheduler, state["step"], rank)
+        checkpoint.load_training_state(start, model, optimizer, scheduler, state["step"], rank)
         print0(f"resumed from {start} at step {state['step']}")
     # training batches carry the answer's tokens only when the token loss needs them; evaluation never does
     train_collate = Collator(processor, model.act_token_id, answer_tokens=cfg.action_cls_token_loss_weight > 0)
     batches = batch_stream(train_mix, train_collate, cfg, layout, (state["epoch"], state["position"]))
     run = Run(cfg, rank, world, device, model, wrapped, optimizer, scheduler, batches, train_mix, eval_mix, evals,
               classes={**(eval_mix.classes if eval_mix else {}), **train_mix.classes}, steps=steps,
-              log=MetricsLog(cfg, rank == 0, after_step=state["step"]), stop=StopSignal(), state=state)
+              log=MetricsLog(cfg, rank == 0, after_step=state["step"]), stop=StopSignal(rank), state=state)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{len(train_mix.dataset)} train samples, {world} rank(s), {steps} steps, {n_train:,} trainable parameters")
     try:
@@ -236,7 +172,7 @@ def train_loop(run):
         if run.evals is not None and eval_due and (last or not stopping):
             new_best = evaluate_and_track_best(run)
         if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or new_best or stopping:
-            saved = save_checkpoint(run, best=new_best)
+            saved = checkpoint.save(run, best=new_best)
         if stopping:
             print0(f"stopped by {run.stop.name} after step {state['step']}; checkpoint {saved}; "
                    f"continue with --resume auto")
@@ -275,9 +211,9 @@ def train_micro_step(run, batch):
     """Backward of CE (+ action_cls_token_loss_weight x the answer's LM loss, when the batch carries
     answer_mask). The Tally counts the CE alone, comparable to the evaluation loss."""
     with autocast(run.cfg, run.device):
-        out = run.wrapped(batch["label_space"], **to_device(batch["inputs"], run.device))
+        out = run.wrapped(batch.label_space, **to_device(batch.inputs, run.device))
     logits, lm_loss = out if isinstance(out, tuple) else (out, None)
-    labels = batch["labels"].to(run.device)
+    labels = batch.labels.to(run.device)
     loss = F.cross_entropy(logits.float(), labels)
     total = loss if lm_loss is None else loss + run.cfg.action_cls_token_loss_weight * lm_loss
     (total / run.cfg.gradient_accumulation_steps).backward()
@@ -296,7 +232,7 @@ def train_step(run, skipped):
     tally, bad = Tally(), None
     for micro in range(cfg.gradient_accumulation_steps):
         state["epoch"], state["position"], batch = next(run.batches)
-        skipped.add(batch["skipped"])
+        skipped.add(batch.skipped)
         sync = micro == cfg.gradient_accumulation_steps - 1
         if cfg.fsdp:  # a switch, not a context: gradients accumulate unsharded, reduce-scattered on the last
             run.wrapped.set_requires_gradient_sync(sync)
@@ -304,7 +240,7 @@ def train_step(run, skipped):
             micro_tally = train_micro_step(run, batch)
         tally += micro_tally
         if not math.isfinite(micro_tally.loss) and bad is None:
-            bad = f"loss {micro_tally.loss} in micro-batch {micro} (epoch {state['epoch']}, records {batch['sources']})"
+            bad = f"loss {micro_tally.loss} in micro-batch {micro} (epoch {state['epoch']}, records {batch.sources})"
     nonfinite, stopping = all_reduce_sums([bad is not None, run.stop.requested], run.device)
     if nonfinite:
         raise SystemExit(f"non-finite loss at step {state['step'] + 1}: {bad if bad else 'on another rank'}. "
@@ -335,9 +271,7 @@ class SkippedVideos:
     def gather_and_check(self):
         """A collective (every rank calls it at the same step): all ranks' videos are gathered, the
         new ones reported. Returns how many were met so far."""
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, sorted(self.mine))
-        found = set().union(*gathered)
+        found = set().union(*all_gather(sorted(self.mine)))
         for message in sorted(found - self.reported):
             print0(f"skipped unreadable video (another sample stood in): {message}")
         self.reported |= found
@@ -397,12 +331,9 @@ def evaluate_and_track_best(run):
     return new_best
 
 
-def carry_best_over(state, cfg):
-    """A resumed state's best value, for the metric this config ranks by: checkpoints written before
-    metric_for_best_model existed kept `best_top1`; a best of another metric does not compare."""
-    legacy = state.pop("best_top1", None)
-    if state.get("best_metric_name") is None and legacy is not None:
-        state.update(best_metric=legacy, best_metric_name="top1")
+def compare_best_by(cfg, state):
+    """A resumed state's best value counts only for the metric this config ranks by: a best of
+    another metric does not compare."""
     if state.get("best_metric_name") not in (None, best_metric(cfg.metric_for_best_model)[0]):
         print0(f"metric_for_best_model is now {cfg.metric_for_best_model}; checkpoints/best was picked by "
                f"{state['best_metric_name']}, so the next evaluation starts the comparison afresh")
@@ -431,131 +362,14 @@ def log_train(run, window, num_skipped, elapsed):
 def run_eval_only(cfg, rank, world, device):
     """Evaluates cfg.checkpoint (weights only, no optimizer) with eval_num_clips x eval_num_crops
     views; writes eval.json, predictions.jsonl and confusion_<dataset>.png to output_dir."""
-    processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
-    mix = load_mix(cfg, cfg.eval_datasets, vision_geometry(processor))
-    processor, model = build_classifier(cfg, head_sizes(cfg), processor)
-    if os.path.isfile(os.path.join(cfg.checkpoint, "trainer_state.json")):
-        check_base_model(cfg.checkpoint, cfg)
-    load_weights(model.to(device), cfg.checkpoint)
+    processor, model, _, mix = load_data_and_model(cfg, device)
+    checkpoint.load_checkpoint(cfg.checkpoint, model, cfg)  # weights only: the trainer state is not needed
     loader = eval_loader(mix, Collator(processor, model.act_token_id), cfg, world, rank)
     results, probs, skipped = evaluate(model, loader, mix, cfg, device)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, prediction_rows(probs, mix.dataset.samples))
+    gathered = all_gather(prediction_rows(probs, mix.dataset.samples))
     if rank == 0:
         rows = [row for _, row in sorted((r for part in gathered for r in part), key=lambda r: r[0])]  # record order
         write_eval_outputs(cfg, mix, results, rows, skipped)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints: checkpoints/step_NNNNNNN, written to a temp folder and renamed, so a kill at any
-# moment leaves the previous checkpoint whole. What a folder holds: model.write_checkpoint_files.
-
-def checkpoint_dirs(output_dir):
-    return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step_[0-9]*")))
-
-
-def save_checkpoint(run, best=False):
-    """All ranks call this; rank 0 writes. `best`: also point checkpoints/best at it. Returns the
-    checkpoint's folder; a failed write (disk full) stops the run with the previous one intact."""
-    root = os.path.join(run.cfg.output_dir, "checkpoints")
-    final = os.path.join(root, f"step_{run.state['step']:07d}")
-    tmp = os.path.join(root, f".tmp_step_{run.state['step']:07d}")
-    if run.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    if not run.cfg.save_only_model:  # save_only_model: weights only (no optimizer, no RNG), no resume
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if run.device.type == "cuda" else {})}
-        torch.save(rng, os.path.join(tmp, f"rng_rank{run.rank}.pt"))  # dropout masks resume too
-    # Whole tensors, in the files a plain model loads. Under FSDP2 gathering them is a collective:
-    # every rank takes part, rank 0 alone keeps and writes them.
-    gathered = gather_training_state(run.model, None if run.cfg.save_only_model else run.optimizer,
-                                     keep=run.rank == 0)
-    dist.barrier()
-    failed = run.rank == 0 and not publish_checkpoint(run, tmp, final, gathered, best)
-    if all_reduce_sums([failed], run.device)[0]:
-        raise SystemExit(1)
-    return final
-
-
-def publish_checkpoint(run, tmp, final, gathered, best):
-    """Rank 0: write the files into `tmp`, rename it to `final`, move `best`, prune old ones.
-    Returns False (and says why) when the disk refused, leaving the previous checkpoints as they were."""
-    root = os.path.dirname(final)
-    previous = checkpoint_dirs(run.cfg.output_dir)
-    try:
-        state = {**run.state, "weights_only": True} if run.cfg.save_only_model else run.state
-        write_checkpoint_files(tmp, run.model, gathered, state, run.cfg, run.classes)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except OSError as e:  # disk full, quota, permissions: keep what we had, say so
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = previous[-1] if previous else "none"
-        print(f"saving checkpoint {final} failed: {e}. The previous checkpoint ({kept}) is intact; "
-              f"free space and resume with --resume auto.", file=sys.stderr, flush=True)
-        return False
-    if best:  # a symlink replaced atomically; pruning never removes its target
-        os.symlink(os.path.basename(final), os.path.join(root, ".best.tmp"))
-        os.replace(os.path.join(root, ".best.tmp"), os.path.join(root, "best"))
-    keep = os.path.realpath(os.path.join(root, "best"))
-    limit = run.cfg.save_total_limit
-    for old in checkpoint_dirs(run.cfg.output_dir)[:-limit] if limit else []:
-        if os.path.realpath(old) != keep:
-            shutil.rmtree(old, ignore_errors=True)
-    return True
-
-
-def resume_dir(cfg):
-    """The checkpoint to resume from, or None. `--resume auto`: the newest one that can be read; one
-    that cannot (a disk fault after its rename, a file deleted by hand) is named and passed over.
-    One that can be read but does not fit this model/config stays an error (load_checkpoint)."""
-    for tmp in glob.glob(os.path.join(cfg.output_dir, "checkpoints", ".tmp_step_*")):
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during a save; never complete
-    if cfg.resume is None:
-        return None
-    if cfg.resume != "auto":
-        return cfg.resume
-    found, problems = checkpoint_dirs(cfg.output_dir), []
-    for directory in reversed(found):
-        problem = checkpoint_problem(directory)
-        if problem is None:
-            return directory
-        problems.append(f"{directory}: {problem}")
-        print0(f"--resume auto: {directory} cannot be read ({problem}); trying the one before it")
-    if found:
-        raise CheckpointError(f"--resume auto: no checkpoint in {cfg.output_dir}/checkpoints can be read:\n  "
-                              + "\n  ".join(problems) + "\nMove them away to start afresh, or pass --resume DIR.")
-    return None
-
-
-def refuse_weights_only(directory, state):
-    """A save_only_model checkpoint has no optimizer, schedule or RNG state: resuming from it would
-    restart Adam from zero mid-schedule and draw other dropout masks, a run that silently differs
-    from the one asked for. Refused; its weights serve --eval_only, predict.py and export.py."""
-    if state.get("weights_only"):
-        raise CheckpointError(f"{directory} was saved with save_only_model: true: it holds the weights but no "
-                              f"optimizer, schedule or RNG state, so training cannot resume from it. Use it with "
-                              f"--eval_only, predict.py or export.py; to resume runs, train with "
-                              f"save_only_model: false.")
-
-
-def load_training_state(directory, model, optimizer, scheduler, step, rank):
-    """A resume, part 2, once the optimizer holds the (wrapped or sharded) model's parameters.
-    Adam's moments come from the checkpoint; learning rates, decay and the schedule from this
-    config (identical when it is unchanged, so resume stays exact; applied when it is changed)."""
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    load_optimizer_state(os.path.join(directory, "optimizer.pt"), model, optimizer)
-    for group, fresh in zip(optimizer.param_groups, hyper):
-        group.update(fresh)
-    scheduler.last_epoch = step
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(step)
-    rng = os.path.join(directory, f"rng_rank{rank}.pt")
-    if os.path.exists(rng):
-        saved = torch.load(rng, weights_only=True)
-        torch.set_rng_state(saved["cpu"])
-        if "cuda" in saved and torch.cuda.is_available():
-            torch.cuda.set_rng_state(saved["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -566,8 +380,8 @@ class StopSignal:
     ignore SIGINT (data.make_loader). A Ctrl-C more than 2 s after the first quits at once,
     unsaved; sooner ones are the same keypress relayed (torchrun forwards it to its ranks)."""
 
-    def __init__(self):
-        self.requested, self.name, self.since = 0, None, None
+    def __init__(self, rank):
+        self.rank, self.requested, self.name, self.since = rank, 0, None, None
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
@@ -576,7 +390,7 @@ class StopSignal:
                 raise KeyboardInterrupt
             return
         self.requested, self.name, self.since = 1, signal.Signals(signum).name, time.monotonic()
-        if os.environ.get("RANK", "0") == "0":  # os.write: print() could re-enter a stream being written
+        if self.rank == 0:  # os.write: print() could re-enter a stream being written
             os.write(2, f"\n{self.name}: finishing this step, then saving a checkpoint "
                         f"(Ctrl-C again quits now, unsaved)\n".encode())
 

@@ -48,8 +48,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import data  # noqa: E402
 import video  # noqa: E402
-from config import parse_config, video_settings  # noqa: E402
+from config import video_settings  # noqa: E402
 from data import StepLayout  # noqa: E402
+from llamafactory import parse_config  # noqa: E402
 from model import ACT_TOKEN, vision_geometry  # noqa: E402
 from prepare.records import DEFAULT_MESSAGES as MESSAGES  # noqa: E402
 from prepare.synthetic import textured_clip, write_video  # noqa: E402
@@ -232,8 +233,8 @@ def check_same_inputs(item, info, processor, collate, decode_ours):
     base = processor(text=[data.prompt_text(processor, MESSAGES)], videos=[baseline_frames(path, indices, size)],
                      video_metadata=[meta], do_sample_frames=False, padding=True, return_tensors="pt")
     info, indices, frames = decode_ours(path, indices)
-    ours = collate([{"frames": frames, "indices": indices, "info": info, "index": 0, "valid": True, "skipped": [],
-                     "sample": data.Sample(path, MESSAGES, 0, "default", "bench")}])["inputs"]
+    ours = collate([data.Item(data.Sample(path, MESSAGES, 0, "default", "bench"), frames, indices, info, 0, True,
+                              [])]).inputs
     assert base["video_grid_thw"].tolist() == ours["video_grid_thw"].tolist()
     assert base["input_ids"].shape == ours["input_ids"].shape
     import torch

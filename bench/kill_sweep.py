@@ -10,7 +10,7 @@ kill, and check what a kill may never do:
 
 Phases, picked at random for each kill: start-up (a random time after launch, before the DataLoader
 exists), loader start (just after the forkserver appears), steps (just after a train line is logged),
-evaluation (once the eval workers are up), saving (while a .tmp_step_* folder is being written).
+evaluation (once the eval workers are up), saving (while a .step_*.tmp folder is being written).
 Under torchrun the kill hits rank 0; torchrun then ends the other rank. The run: the tiny model on 24
 generated clips, 2 DataLoader workers, dropout on (the RNG must resume too), eval every 4 steps,
 a checkpoint every 2. Linux only (reads /proc). Slow (minutes): not part of the test suite, which
@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.proctree import ProcessTree, proc_stat  # noqa: E402
-from model import checkpoint_problem  # noqa: E402
+from checkpoint import checkpoint_problem  # noqa: E402
 from prepare.synthetic import main as make_synthetic  # noqa: E402
 from prepare.tiny_model import write_tiny_model  # noqa: E402
 
@@ -46,7 +46,7 @@ def train_lines(out):
 
 
 def saving(out):
-    return bool(glob.glob(os.path.join(out, "checkpoints", ".tmp_step_*")))
+    return bool(glob.glob(os.path.join(out, "checkpoints", ".step_*.tmp")))
 
 
 def trigger(phase, tree, out, started, logged_before, delay, ranks):

@@ -164,7 +164,7 @@ def make_batch(processor, act_id, num_frames, batch_size, cut, max_pixels, devic
     (cut after <ACT>); cut=False: the same processor call on the whole conversation."""
     from transformers.video_utils import VideoMetadata
 
-    from data import Collator, Sample, prompt_messages
+    from data import Collator, Item, Sample, prompt_messages
     from model import vision_geometry
     from video import VideoInfo, sample_indices, smart_resize
 
@@ -175,22 +175,21 @@ def make_batch(processor, act_id, num_frames, batch_size, cut, max_pixels, devic
     for i in range(batch_size):
         sample = Sample(video=f"random_{i}", messages=MESSAGES, label=i % NUM_CLASSES, label_space="default",
                         source="bench")
-        items.append({"frames": rng.integers(0, 256, (num_frames, h, w, 3), dtype=np.uint8),
-                      "indices": sample_indices(clip_len, num_frames), "index": i, "sample": sample,
-                      "valid": True, "skipped": [],
-                      "info": VideoInfo(clip_len, CLIP_FPS, CLIP_HW[1], CLIP_HW[0])})
+        items.append(Item(sample, rng.integers(0, 256, (num_frames, h, w, 3), dtype=np.uint8),
+                          sample_indices(clip_len, num_frames), VideoInfo(clip_len, CLIP_FPS, CLIP_HW[1], CLIP_HW[0]),
+                          i, True, []))
     if cut:
         batch = Collator(processor, act_id)(items)
-        inputs, labels = batch["inputs"], batch["labels"]
+        inputs, labels = batch.inputs, batch.labels
     else:
         text = processor.apply_chat_template(prompt_messages(MESSAGES), tokenize=False)
-        metadata = [VideoMetadata(total_num_frames=clip_len, fps=CLIP_FPS, frames_indices=it["indices"].tolist())
+        metadata = [VideoMetadata(total_num_frames=clip_len, fps=CLIP_FPS, frames_indices=it.indices.tolist())
                     for it in items]
-        out = processor(text=[text] * batch_size, videos=[it["frames"] for it in items], video_metadata=metadata,
+        out = processor(text=[text] * batch_size, videos=[it.frames for it in items], video_metadata=metadata,
                         do_resize=False, do_sample_frames=False, padding=True, return_tensors="pt")
         inputs = {k: v for k, v in out.items() if torch.is_tensor(v)}  # as data.Collator passes them
         inputs["act_index"] = (out["input_ids"] == act_id).int().argmax(1)
-        labels = torch.tensor([it["sample"].label for it in items])
+        labels = torch.tensor([it.sample.label for it in items])
     return {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
 
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 import config
+import llamafactory
 import train
 
 GOOD = {"messages": [{"role": "user", "content": "<video>What action is being performed in this video?"},
@@ -119,10 +120,11 @@ def test_missing_videos_within_the_tolerance_are_skipped_and_reported(base_args,
 
 
 def test_checkpoint_with_other_class_count_is_refused(base_args, tmp_path):
-    from model import build_classifier, load_weights
+    from checkpoint import load_weights
+    from model import build_classifier
 
     train.main(base_args + ["--max_steps", "1", "--eval_datasets", "[]"])
-    cfg = config.parse_config(base_args + ["--num_action_classes", "7"])
+    cfg = llamafactory.parse_config(base_args + ["--num_action_classes", "7"])
     _, model = build_classifier(cfg, config.head_sizes(cfg))
     with pytest.raises(ValueError, match="head 'default' is .*'num_classes': 6.*'num_classes': 7"):
         load_weights(model, str(tmp_path / "run" / "checkpoints" / "step_0000001"))
@@ -174,7 +176,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(base_args, tmp_path
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("model.save_weights", no_space)  # the first file a save writes
+    monkeypatch.setattr("checkpoint.save_weights", no_space)  # the first file a save writes
     with pytest.raises(SystemExit):
         train.main(base_args + ["--max_steps", "2", "--eval_datasets", "[]", "--resume", "auto"])
     err = capsys.readouterr().err
@@ -270,11 +272,11 @@ def test_broken_video_is_skipped_whichever_frames_are_sampled(tmp_path, syntheti
     dataset = VideoDataset(samples, VideoSettings(4, 8, None, 3136, 3136), seed=0)
     for epoch in range(6):
         item = dataset[(4, epoch, True)]
-        assert len(item["skipped"]) == 1 and item["skipped"][0].startswith(f"{path}:5: "), \
+        assert len(item.skipped) == 1 and item.skipped[0].startswith(f"{path}:5: "), \
             f"epoch {epoch}: {records[4]['videos'][0]} was used, not skipped"
-        assert item["sample"] is not samples[4] and item["sample"].label_space == "default"  # a stand-in
+        assert item.sample is not samples[4] and item.sample.label_space == "default"  # a stand-in
     item = dataset[(4, 0, False)]
-    assert item["skipped"] and not item["valid"]  # in evaluation the stand-in counts nowhere
+    assert item.skipped and not item.valid  # in evaluation the stand-in counts nowhere
 
 
 @pytest.mark.parametrize("kind", BROKEN)
@@ -324,9 +326,9 @@ def test_clip_shorter_than_the_frames_requested_repeats_frames(base_args, tmp_pa
     for settings, index, frames, shown in [(VideoSettings(4, 8, None, 3136, 3136), 2, 2, 1),
                                            (VideoSettings(4, 8, 8, 3136, 3136), 5, 8, 3)]:
         item = VideoDataset(samples, settings)[(index, 0, True)]
-        assert item["skipped"] == [] and item["sample"] is samples[index]
-        assert len(item["frames"]) == frames and item["indices"].tolist() == sorted(item["indices"].tolist())
-        assert set(item["indices"].tolist()) <= set(range(shown))
+        assert item.skipped == [] and item.sample is samples[index]
+        assert len(item.frames) == frames and item.indices.tolist() == sorted(item.indices.tolist())
+        assert set(item.indices.tolist()) <= set(range(shown))
 
     for extra in ([], ["--video_num_frames", "8"]):
         out = tmp_path / f"run{len(extra)}"

@@ -127,8 +127,8 @@ def reference(trained):
         rows = []
         for i in range(len(samples)):
             batch = collate([dataset[(i, 0, False, view)]])
-            assert batch["valid"].all()
-            rows.append(model("default", **batch["inputs"]).float().softmax(-1)[0].double())
+            assert batch.valid.all()
+            rows.append(model("default", **batch.inputs).float().softmax(-1)[0].double())
         return {s.video: p for s, p in zip(samples, rows)}
     return probs
 
@@ -329,9 +329,9 @@ def test_three_crops_are_the_start_centre_and_end_of_the_longer_side(wide_set):
     here; on SSv2's 427x240 clips at the shipped 16384-pixel budget, 84 x 168, it starts at 28, not 42.)"""
     samples = [s for s in data.load_samples(wide_set, None, len(CLASSES))[0] if os.path.basename(s.video) == "wide_0.mp4"]
     dataset = data.VideoDataset(samples, video.VideoSettings(4, 8, None, 3136, 3136))
-    whole = dataset[(0, 0, False, (0, 1, 0, 1))]["frames"]
+    whole = dataset[(0, 0, False, (0, 1, 0, 1))].frames
     assert whole.shape[1:] == (28, 56, 3)
-    crops = [dataset[(0, 0, False, (0, 1, k, 3))]["frames"] for k in range(3)]
+    crops = [dataset[(0, 0, False, (0, 1, k, 3))].frames for k in range(3)]
     for k, start in enumerate([0, 14, 28]):
         assert crops[k].shape == (len(whole), 28, 28, 3)
         assert np.array_equal(crops[k], whole[:, :, start:start + 28]), f"crop {k} should start at column {start}"

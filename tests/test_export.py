@@ -46,7 +46,7 @@ def logits_of(clf, samples):
     dataset = VideoDataset(samples, clf.settings)
     batch = Collator(clf.processor, clf.model.act_token_id)([dataset[(i, 0, False)] for i in range(len(samples))])
     with torch.no_grad():
-        return clf.model("default", **batch["inputs"]).float(), batch
+        return clf.model("default", **batch.inputs).float(), batch
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +113,11 @@ def test_export_is_a_plain_hugging_face_checkpoint_with_the_act_row(exported):
     assert torch.equal(vlm.get_input_embeddings().weight[act_id], act_row)
     assert manifest["tied_embeddings"] is vlm.config.tie_word_embeddings is True  # the tiny model ties, as 3B does
     assert torch.equal(vlm.get_output_embeddings().weight[act_id], act_row)
-    inputs = {k: v for k, v in batch["inputs"].items() if k != "act_index"}
+    inputs = {k: v for k, v in batch.inputs.items() if k != "act_index"}
     with torch.no_grad():
         hidden = vlm.model(**inputs, use_cache=False).last_hidden_state
         logits = ActionDecoder.from_pretrained(os.path.join(target, "heads", "default"))(
-            hidden[torch.arange(len(hidden)), batch["inputs"]["act_index"]])
+            hidden[torch.arange(len(hidden)), batch.inputs["act_index"]])
     assert (logits - reference).abs().max().item() <= FP32_TOL
 
     files = sorted(os.path.relpath(os.path.join(d, f), target) for d, _, names in os.walk(target) for f in names)
@@ -217,7 +217,7 @@ def test_export_to_an_unwritable_or_occupied_out(exported, tmp_path):
     with pytest.raises(SystemExit, match="exists and is not an empty folder"):
         export.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "full")])
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # no temp folder left behind
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no temp folder left behind
 
 
 def test_export_cli_error_has_no_traceback(tmp_path):

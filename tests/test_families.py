@@ -17,7 +17,8 @@ import train
 from config import Config
 from data import Collator, Sample, VideoDataset, load_samples, sample_lengths, video_text_per_group
 from inference import VideoClassifier
-from model import ACT_TOKEN, CheckpointError, base_model_fingerprint, check_base_model, load_processor, vision_geometry
+from checkpoint import CheckpointError, base_model_fingerprint, check_base_model
+from model import ACT_TOKEN, load_processor, vision_geometry
 from prepare.synthetic import textured_clip, write_video
 from prepare.tiny_model import FAMILIES
 from video import VideoInfo, VideoSettings, frame_size
@@ -49,7 +50,7 @@ def collated(processor, act_id, path, video_fps):
                            {"role": "assistant", "content": f"It is {ACT_TOKEN}."}], 0, "default", "test:1")
     settings = VideoSettings(video_fps, 128, None, 3136, 3136, **vision_geometry(processor))
     item = VideoDataset([sample], settings)[(0, 0, False)]
-    return item, Collator(processor, act_id)([item])["inputs"]
+    return item, Collator(processor, act_id)([item]).inputs
 
 
 @pytest.mark.parametrize("video_fps", [1.0, 2.0])
@@ -58,12 +59,12 @@ def test_frame_times_are_the_real_times_of_the_sampled_frames(family_model_dir, 
     family = model_type(family_model_dir)
     for native_fps, path in clips.items():
         item, inputs = collated(processor, act_id, path, video_fps)
-        assert len(item["indices"]) == 4 * video_fps  # 4 s at video_fps
+        assert len(item.indices) == 4 * video_fps  # 4 s at video_fps
         text = processor.tokenizer.decode(inputs["input_ids"][0])
         stamps = re.findall(r"<([0-9.]+) seconds>", text)
         if family in TEXT_TIMESTAMPS:
             # the mean time of each temporal patch's frames, as the processor formats it
-            times = item["indices"].reshape(-1, 2).mean(1) / native_fps
+            times = item.indices.reshape(-1, 2).mean(1) / native_fps
             assert stamps == [f"{t:.1f}" for t in times]
             assert float(stamps[1]) - float(stamps[0]) == pytest.approx(2 / video_fps, abs=0.15)
         elif "second_per_grid_ts" in inputs:  # Qwen2.5-VL: real time in the M-RoPE positions
@@ -104,7 +105,7 @@ def test_token_estimate_counts_the_video_tokens_the_processor_writes(family_mode
         item, inputs = collated(processor, act_id, clips[25], video_fps)
         ids = inputs["input_ids"][0].tolist()
         first, last = ids.index(start), len(ids) - 1 - ids[::-1].index(end)
-        sample = item["sample"]
+        sample = item.sample
         settings = VideoSettings(video_fps, 128, None, 3136, 3136, **vision_geometry(processor))
         estimate = sample_lengths(VideoDataset([sample], settings), per_group)
         assert estimate.tolist() == [last - first - 1]

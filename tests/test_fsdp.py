@@ -62,11 +62,11 @@ def test_fsdp_checkpoint_loads_into_a_plain_model(runs, synthetic_dir):
         dataset = VideoDataset(samples, settings)
         batch = Collator(processor, model.act_token_id)([dataset[(i, 0, False)] for i in range(4)])
         with torch.no_grad():
-            logits[mode] = model("default", **batch["inputs"])
+            logits[mode] = model("default", **batch.inputs)
     torch.testing.assert_close(logits["fsdp"], logits["ddp"], rtol=1e-4, atol=1e-5)
     _, untrained = build_classifier(cfg, head_sizes(cfg))  # the comparison is not vacuous: loading matters
     with torch.no_grad():
-        assert not torch.allclose(untrained.eval()("default", **batch["inputs"]), logits["fsdp"], atol=1e-3)
+        assert not torch.allclose(untrained.eval()("default", **batch.inputs), logits["fsdp"], atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])

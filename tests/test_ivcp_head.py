@@ -11,7 +11,8 @@ import torch
 
 from data import Collator, VideoDataset, load_samples, prompt_messages
 from decoder import ActionDecoder
-from model import build_classifier, build_optimizer, load_weights, save_weights
+from checkpoint import load_weights, save_weights
+from model import build_classifier, build_optimizer
 from tests.test_model import SETTINGS, conversation, make_cfg, perturb_adapters
 
 MESSAGES = [conversation("What?", "It is <ACT>."),
@@ -29,7 +30,7 @@ def items_of(synthetic_dir, indices, messages, keep_frames=None):
     items = [dataset[(i, 0, False)] for i in indices]
     for item, keep in zip(items, keep_frames or [None] * len(items)):
         if keep is not None:
-            item["frames"], item["indices"] = item["frames"][:keep], item["indices"][:keep]
+            item.frames, item.indices = item.frames[:keep], item.indices[:keep]
     return items
 
 
@@ -93,14 +94,14 @@ def test_transformer_head_batched_equals_one_by_one(tiny_model_dir, synthetic_di
     collate = Collator(processor, model.act_token_id)
     items = items_of(synthetic_dir, [0, 1, 2], MESSAGES, keep_frames=[None, 2, None])
     batch = collate(items)
-    video_counts = (batch["inputs"]["input_ids"] == processor.video_token_id).sum(1)
+    video_counts = (batch.inputs["input_ids"] == processor.video_token_id).sum(1)
     assert len(set(video_counts.tolist())) == 2, "the batch should hold videos of different lengths"
     with torch.no_grad():
-        batched = model("default", **batch["inputs"])
-        alone = torch.cat([model("default", **collate([it])["inputs"]) for it in items])
+        batched = model("default", **batch.inputs)
+        alone = torch.cat([model("default", **collate([it]).inputs) for it in items])
         # the video states count: change them and the logits move
         other = items_of(synthetic_dir, [3, 4, 5], MESSAGES, keep_frames=[None, 2, None])
-        assert not torch.allclose(model("default", **collate(other)["inputs"]), batched, atol=1e-4)
+        assert not torch.allclose(model("default", **collate(other).inputs), batched, atol=1e-4)
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -114,7 +115,7 @@ def test_transformer_head_trains_and_checkpoints(tiny_model_dir, synthetic_dir, 
     assert all(in_groups.get(id(p), "").startswith("head") for p in head_params.values()), "head not in the optimizer"
     before = {n: p.detach().clone() for n, p in head_params.items()}
     batch = Collator(processor, model.act_token_id)(items_of(synthetic_dir, [0, 1, 2, 3], MESSAGES + MESSAGES[:1]))
-    loss = torch.nn.functional.cross_entropy(model("default", **batch["inputs"]), batch["labels"])
+    loss = torch.nn.functional.cross_entropy(model("default", **batch.inputs), batch.labels)
     loss.backward()
     optimizer.step()
     unchanged = [n for n, p in head_params.items() if torch.equal(p, before[n])]
@@ -122,7 +123,7 @@ def test_transformer_head_trains_and_checkpoints(tiny_model_dir, synthetic_dir, 
 
     model.eval()
     with torch.no_grad():
-        expected = model("default", **batch["inputs"])
+        expected = model("default", **batch.inputs)
     save_weights(model, tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "heads" / "default" / "action_decoder.json").read_text())
     assert saved["decoder_type"] == kind and saved["num_heads"] == 4 and saved["num_transformer_layers"] == 2
@@ -130,7 +131,7 @@ def test_transformer_head_trains_and_checkpoints(tiny_model_dir, synthetic_dir, 
     fresh.eval()
     load_weights(fresh, tmp_path / "ckpt")
     with torch.no_grad():
-        assert torch.equal(fresh("default", **batch["inputs"]), expected)
+        assert torch.equal(fresh("default", **batch.inputs), expected)
 
     # a checkpoint's head must match the configured one, not load into another layout
     _, other = build_classifier(dataclasses.replace(cfg, action_decoder_num_transformer_layers=1), {"default": 6})
@@ -143,9 +144,9 @@ def test_transformer_head_dropout_only_in_training(tiny_model_dir, synthetic_dir
     batch = Collator(processor, model.act_token_id)(items_of(synthetic_dir, [0, 1], MESSAGES[:2]))
     with torch.no_grad():
         model.train()
-        assert not torch.equal(model("default", **batch["inputs"]), model("default", **batch["inputs"]))
+        assert not torch.equal(model("default", **batch.inputs), model("default", **batch.inputs))
         model.eval()
-        assert torch.equal(model("default", **batch["inputs"]), model("default", **batch["inputs"]))
+        assert torch.equal(model("default", **batch.inputs), model("default", **batch.inputs))
 
 
 def test_num_heads_must_divide_hidden_size(tiny_model_dir):
@@ -179,10 +180,10 @@ def reference_answer_loss(model, processor, items):
     total, count = 0.0, 0
     try:
         for it in items:
-            messages = prompt_messages(it["sample"].messages)
-            metadata = VideoMetadata(total_num_frames=it["info"].num_frames, fps=it["info"].fps,
-                                     frames_indices=it["indices"].tolist())
-            kwargs = dict(videos=[it["frames"]], video_metadata=[metadata], do_resize=False, return_tensors="pt")
+            messages = prompt_messages(it.sample.messages)
+            metadata = VideoMetadata(total_num_frames=it.info.num_frames, fps=it.info.fps,
+                                     frames_indices=it.indices.tolist())
+            kwargs = dict(videos=[it.frames], video_metadata=[metadata], do_resize=False, return_tensors="pt")
             full = processor(text=[processor.apply_chat_template(messages, tokenize=False)], **kwargs)
             prompt = processor(text=[processor.apply_chat_template(messages[:-1], tokenize=False,
                                                                    add_generation_prompt=True)], **kwargs)
@@ -205,7 +206,7 @@ def test_token_loss_equals_full_forward_lm_loss(tiny_model_dir, synthetic_dir):
     model.eval()
     items = items_of(synthetic_dir, [0, 1, 2], MESSAGES, keep_frames=[None, 2, None])
     batch = Collator(processor, model.act_token_id, answer_tokens=True)(items)
-    inputs = batch["inputs"]
+    inputs = batch.inputs
     # the answer ends each row: "<ACT>." and the end of turn follow <ACT>, nothing after the turn
     lengths = inputs["attention_mask"].sum(1)
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -221,7 +222,7 @@ def test_token_loss_equals_full_forward_lm_loss(tiny_model_dir, synthetic_dir):
     assert lm_loss.item() == pytest.approx(reference, rel=1e-5)
     # the tokens after <ACT> cannot change its state: the logits are those of the input cut at <ACT>
     with torch.no_grad():
-        cut = model("default", **Collator(processor, model.act_token_id)(items)["inputs"])
+        cut = model("default", **Collator(processor, model.act_token_id)(items).inputs)
     torch.testing.assert_close(logits, cut, atol=1e-5, rtol=1e-5)
 
 
@@ -232,11 +233,11 @@ def test_token_loss_weight_zero_changes_nothing(tiny_model_dir, synthetic_dir, b
 
     processor, model = build_classifier(make_cfg(tiny_model_dir), {"default": 6})
     items = items_of(synthetic_dir, [0, 1], MESSAGES[:2])
-    inputs = Collator(processor, model.act_token_id)(items)["inputs"]
+    inputs = Collator(processor, model.act_token_id)(items).inputs
     assert "answer_mask" not in inputs
     lengths = inputs["attention_mask"].sum(1)
     assert (inputs["input_ids"][torch.arange(2), lengths - 1] == model.act_token_id).all()  # cut right after <ACT>
-    longer = Collator(processor, model.act_token_id, answer_tokens=True)(items)["inputs"]["attention_mask"].sum(1)
+    longer = Collator(processor, model.act_token_id, answer_tokens=True)(items).inputs["attention_mask"].sum(1)
     assert (longer > lengths).all()
     rows = count_lm_head_rows(model)
     with torch.no_grad():

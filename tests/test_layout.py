@@ -10,8 +10,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A module may import only modules of a lower layer. `prepare` (the converters' package) sits with the
 # scripts' inputs: only inference.py (the default prompt, from prepare.records) and the top layer use it.
-LAYERS = {"video": 0, "decoder": 0, "config": 1, "model": 2, "data": 3, "evaluation": 4, "metrics": 4,
-          "prepare": 4.5, "inference": 4.7, "train": 5, "predict": 5, "export": 5}
+LAYERS = {"video": 0, "decoder": 0,  # no project imports: they can be copied anywhere as they are
+          "config": 1,  # the schema
+          "distributed": 2,  # process group, rank-0 printing, collectives, FSDP2
+          "checkpoint": 3,  # the checkpoint on disk, atomic writes
+          "llamafactory": 4,  # LLaMA-Factory / IVCP translation
+          "model": 5, "data": 6, "evaluation": 7, "metrics": 7, "prepare": 7.5, "inference": 8,
+          "train": 9, "predict": 9, "export": 9}  # the scripts, never importing each other
 
 
 def project_imports(path):

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import save_file
 
 import config
+import llamafactory
 import data
 import model
 import train
@@ -88,7 +89,7 @@ def ivcp_layout(tmp_path_factory):
 
 def parse(argv):
     notes = []
-    return config.parse_config(argv, notes=notes), notes
+    return llamafactory.parse_config(argv, notes=notes), notes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def parse(argv):
 
 @pytest.mark.parametrize("name,key", [(name, key) for name in YAMLS for key in ivcp_yaml(name)])
 def test_every_ivcp_key_is_handled(name, key):
-    kind = config.lf_key_kind(key)
+    kind = llamafactory.lf_key_kind(key)
     assert kind in ("field", "translated", "ignored", "refused"), f"{name}: {key} is neither accepted nor refused"
     if key in LATER_PARTS:
         assert kind == "field", f"{key} must be accepted as a Config field, not {kind}"
@@ -113,9 +114,9 @@ def test_ivcp_yaml_parses_with_paths_changed(name, ivcp_layout, tmp_path):
         argv += ["--adapter_name_or_path", fake_checkpoint(tmp_path / "ckpt", use_dora=True)]
     cfg, notes = parse(argv)
     # every ignored key is listed exactly once, with a reason
-    for key in set(raw) & set(config.IGNORED):
+    for key in set(raw) & set(llamafactory.IGNORED):
         lines = [n for n in notes if n.startswith(f"ignored (no effect here): {key}: ")]
-        assert len(lines) == 1 and config.IGNORED[key] in lines[0]
+        assert len(lines) == 1 and llamafactory.IGNORED[key] in lines[0]
     assert any("flash_attn: fa2 -> attn_implementation" in n for n in notes)
     assert any(n.startswith("ignored (no effect here): stage: action_cls") for n in notes)
     assert any(n.startswith("ignored (no effect here): cutoff_len: 2048: no sample reaches it") for n in notes)
@@ -187,16 +188,16 @@ def test_every_given_task_flag_is_listed():
 ])
 def test_refused_with_what_to_do(argv, fragment):
     with pytest.raises(config.ConfigError) as err:
-        config.parse_config(["--train_datasets", "[{path: x.jsonl}]"] + argv + ["--seed", "1"])
+        llamafactory.parse_config(["--train_datasets", "[{path: x.jsonl}]"] + argv + ["--seed", "1"])
     assert fragment in str(err.value) + "\n"
 
 
 def test_no_far_fetched_did_you_mean():
     """The seed's misleading hints: stage -> lora_target, do_train -> video_maxlen, flash_attn -> lora_rank."""
     for key in ("stage", "do_train", "flash_attn"):
-        assert config.lf_key_kind(key) == "translated"
+        assert llamafactory.lf_key_kind(key) == "translated"
     with pytest.raises(config.ConfigError) as err:
-        config.parse_config(["--train_datasets", "[{path: x.jsonl}]", "--stages", "x", "--do_trainn", "x"])
+        llamafactory.parse_config(["--train_datasets", "[{path: x.jsonl}]", "--stages", "x", "--do_trainn", "x"])
     assert "did you mean 'stage'?" in str(err.value) and "did you mean 'do_train'?" in str(err.value)
     assert "lora_target" not in str(err.value) and "video_maxlen" not in str(err.value)
 
@@ -247,7 +248,7 @@ def test_media_dir_defaults_to_dataset_dir_and_falls_back_to_the_path_as_written
               "action_label": 0}
     root = write_registry(tmp_path / "reg", {"d": {"file_name": "d.json", "formatting": "sharegpt",
                                                    "columns": {"messages": "messages"},
-                                                   "tags": dict(config.NATIVE_TAGS)}},
+                                                   "tags": dict(llamafactory.NATIVE_TAGS)}},
                           {"d.json": [{**record, "videos": ["inside.mp4"]}, {**record, "videos": ["clips/cwd.mp4"]}]})
     (tmp_path / "reg" / "inside.mp4").write_bytes(b"x")
     monkeypatch.chdir(tmp_path)
@@ -269,13 +270,13 @@ def test_registry_problems_name_what_to_do(tmp_path):
              ("b", "formatting 'alpaca'; only sharegpt"), ("c", "only local files (file_name)")]
     for name, fragment in cases:
         with pytest.raises(config.ConfigError) as err:
-            config.parse_config(["--dataset", name, "--dataset_dir", root])
+            llamafactory.parse_config(["--dataset", name, "--dataset_dir", root])
         assert fragment in str(err.value)
     with pytest.raises(config.ConfigError) as err:
-        config.parse_config(["--dataset", "a", "--dataset_dir", str(tmp_path)])
+        llamafactory.parse_config(["--dataset", "a", "--dataset_dir", str(tmp_path)])
     assert "cannot read the dataset registry" in str(err.value)
     with pytest.raises(config.ConfigError) as err:
-        config.parse_config(["--dataset", "a", "--dataset_dir", root, "--train_datasets", "[{path: x.jsonl}]"])
+        llamafactory.parse_config(["--dataset", "a", "--dataset_dir", root, "--train_datasets", "[{path: x.jsonl}]"])
     assert "dataset and train_datasets both set: keep one" in str(err.value)
     cfg, notes = parse(["--dataset_dir", root, "--train_datasets", "[{path: x.jsonl}]"])  # no name to look up
     assert cfg.train_datasets == [{"path": "x.jsonl"}]
@@ -319,7 +320,7 @@ def test_ivcp_linear_and_mlp_heads_load(tmp_path, decoder_type):
 def test_ivcp_transformer_head_is_refused_with_why(tmp_path):
     path, _ = ivcp_head(tmp_path / "head", "transformer")
     with pytest.raises(config.ConfigError) as err:
-        config.parse_config(["--train_datasets", "[{path: x.jsonl}]", "--action_decoder_path", path])
+        llamafactory.parse_config(["--train_datasets", "[{path: x.jsonl}]", "--action_decoder_path", path])
     assert "IVCP's transformer head" in str(err.value) and "action_decoder_path: null" in str(err.value)
     with pytest.raises(config.ConfigError, match="IVCP's transformer head"):
         model.pretrained_head(path)
@@ -333,14 +334,14 @@ def test_ivcp_adapter_is_recognised_with_why(tmp_path):
                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(16, 2)},
               str(adapter / "adapter_model.safetensors"))
     with pytest.raises(config.ConfigError) as err:
-        config.parse_config(["--do_eval", "true", "--do_train", "false", "--adapter_name_or_path", str(adapter),
+        llamafactory.parse_config(["--do_eval", "true", "--do_train", "false", "--adapter_name_or_path", str(adapter),
                              "--eval_datasets", "[{path: x.jsonl}]"])
     message = str(err.value)
     assert f"adapter_name_or_path {adapter}: a peft adapter" in message
     assert "its embed_tokens has 151680 rows" in message and "point adapter_name_or_path at OUTPUT_DIR" in message
     os.makedirs(tmp_path / "run" / "checkpoints")
     with pytest.raises(config.ConfigError, match="a run folder; point it at one of its checkpoints"):
-        config.parse_config(["--do_predict", "true", "--adapter_name_or_path", str(tmp_path / "run"),
+        llamafactory.parse_config(["--do_predict", "true", "--adapter_name_or_path", str(tmp_path / "run"),
                              "--eval_datasets", "[{path: x.jsonl}]"])
 
 
@@ -376,10 +377,10 @@ def test_ivcp_head_must_fit_the_model(tiny_model_dir, tmp_path):
     base = ["--train_datasets", "[{path: x.jsonl}]", "--model_name_or_path", tiny_model_dir,
             "--num_action_classes", "5"]
     fits, state = ivcp_head(tmp_path / "fits", "linear", hidden=64)
-    cfg = config.parse_config(base + ["--action_decoder_path", fits])
+    cfg = llamafactory.parse_config(base + ["--action_decoder_path", fits])
     _, classifier = model.build_classifier(cfg, config.head_sizes(cfg))
     torch.testing.assert_close(classifier.heads["default"].net.weight, state["head.weight"])
     other, _ = ivcp_head(tmp_path / "other", "linear", hidden=32)
-    cfg = config.parse_config(base + ["--action_decoder_path", other])
+    cfg = llamafactory.parse_config(base + ["--action_decoder_path", other])
     with pytest.raises(config.ConfigError, match="reads a hidden state of size 32, .* gives 64"):
         model.build_classifier(cfg, config.head_sizes(cfg))

@@ -80,7 +80,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, synthet
         model.backbone.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: counted.append(1))
         batch = make_batch(synthetic_dir, processor, model, [0, 1, 2], question_lengths=[1, 3, 2])
         torch.manual_seed(1)  # the same dropout masks (checkpointing replays the RNG state)
-        F.cross_entropy(model("default", **batch["inputs"]), batch["labels"]).backward()
+        F.cross_entropy(model("default", **batch.inputs), batch.labels).backward()
         grads[gc] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         calls[gc] = len(counted)
     assert calls == {False: 1, True: 2}, "with checkpointing the layer must run again in backward"
@@ -150,9 +150,9 @@ def test_sdpa_and_eager_attention_give_the_same_logits(tiny_model_dir, synthetic
         assert model.backbone.visual.config._attn_implementation == impl
         model.eval()
         batch = make_batch(synthetic_dir, processor, model, [0, 1, 2], question_lengths=[1, 4, 2])
-        assert (batch["inputs"]["attention_mask"] == 0).any(), "the batch should need padding"
+        assert (batch.inputs["attention_mask"] == 0).any(), "the batch should need padding"
         with torch.no_grad():
-            logits[impl] = model("default", **batch["inputs"])
+            logits[impl] = model("default", **batch.inputs)
     torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=1e-4, atol=1e-5)
 
 
@@ -237,10 +237,10 @@ def test_group_by_length_through_batch_stream(mixed_length_set, tiny_model_dir, 
         for step in range(per_epoch):  # one epoch; the stream reports where the next batch comes from
             epoch, position, batch = next(stream)
             assert (epoch, position) == ((0, step + 1) if step < per_epoch - 1 else (1, 0))
-            ids, mask = batch["inputs"]["input_ids"], batch["inputs"]["attention_mask"]
-            for row, j in enumerate(batch["index"].tolist()):
+            ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+            for row, j in enumerate(batch.index.tolist()):
                 assert (ids[row] == video_pad).sum().item() == lengths[j]
-            seen += batch["index"].tolist()
+            seen += batch.index.tolist()
             pad, slots = pad + (mask == 0).sum().item(), slots + mask.numel()
         assert sorted(seen) == list(range(len(dataset)))
         padding[grouped] = pad / slots

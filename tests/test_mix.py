@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import config
+import llamafactory
 import data
 import predict
 import train
@@ -257,7 +258,7 @@ def test_undeclared_label_space_names_the_dataset_and_the_fix(base_args, synthet
 def test_dataset_entry_name_is_accepted_and_names_the_dataset(base_args, synthetic_dir, axis_dir):
     entries = [{"path": f"{synthetic_dir}/val.jsonl", "name": "motion"},
                {"path": f"{axis_dir}/val.jsonl", "video_root": synthetic_dir, "label_space": "axis", "name": "axes"}]
-    cfg = config.parse_config(base_args + ["--label_spaces", "{axis: 3}", "--eval_datasets", dataset_arg(entries)])
+    cfg = llamafactory.parse_config(base_args + ["--label_spaces", "{axis: 3}", "--eval_datasets", dataset_arg(entries)])
     mix = load_datasets(cfg.eval_datasets, config.head_sizes(cfg), VideoSettings(4, 8, None, 3136, 3136), 0.01)
     assert mix.names == ["motion", "axes"] and mix.spaces == ["default", "axis"]
 
@@ -277,8 +278,8 @@ def test_a_stand_in_for_an_unreadable_video_comes_from_the_same_label_space(synt
     mix = load_datasets(entries, {"default": 6, "axis": 3}, VideoSettings(4, 8, None, 3136, 3136), 0.5)
     for train_mode in (True, False):
         item = mix.dataset[(5, 0, train_mode)]
-        assert item["skipped"] and "bad.mp4" in item["skipped"][0]
-        assert item["sample"].label_space == "default", \
+        assert item.skipped and "bad.mp4" in item.skipped[0]
+        assert item.sample.label_space == "default", \
             f"the stand-in for {records[-1]['videos'][0]} came from label space {item['sample'].label_space!r}"
 
 

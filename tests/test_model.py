@@ -9,7 +9,8 @@ import torch
 from config import Config
 from data import Collator, VideoDataset, load_samples, prompt_messages
 from decoder import ActionDecoder
-from model import LM_PREFIX, build_classifier, build_optimizer, load_weights, save_weights, vision_geometry
+from checkpoint import load_weights, save_weights
+from model import LM_PREFIX, build_classifier, build_optimizer, vision_geometry
 from video import VideoSettings
 
 
@@ -92,16 +93,16 @@ def test_act_hidden_equals_full_forward_hidden_state(family_model_dir, synthetic
                 conversation("Classify.", "The action being performed is <ACT>.")][:len(indices)]
     batch = batch_of(synthetic_dir, processor, model.act_token_id, indices, messages)
     if len(indices) > 1:
-        assert (batch["inputs"]["attention_mask"] == 0).any(), "the batch should need padding"
+        assert (batch.inputs["attention_mask"] == 0).any(), "the batch should need padding"
     with torch.no_grad():
-        ours = model.act_hidden(**batch["inputs"])
+        ours = model.act_hidden(**batch.inputs)
 
     dataset = VideoDataset(load_samples(os.path.join(synthetic_dir, "train.jsonl"), None, 6)[0], settings_for(processor))
     frames = []
     for i in indices:
         item = dataset[(i, 0, False)]
-        frames.append((item["frames"], VideoMetadata(total_num_frames=item["info"].num_frames,
-                                                     fps=item["info"].fps, frames_indices=item["indices"].tolist())))
+        frames.append((item.frames, VideoMetadata(total_num_frames=item.info.num_frames,
+                                                     fps=item.info.fps, frames_indices=item.indices.tolist())))
     with torch.no_grad():
         reference = reference_act_hidden(model, processor, messages, frames)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
@@ -135,7 +136,7 @@ def test_trainable_parameters_are_adapters_head_and_act_row(family_model_dir, sy
     optimizer = build_optimizer(model, make_cfg(family_model_dir))
     batch = batch_of(synthetic_dir, processor, model.act_token_id, [0, 1, 2, 3])
     for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model("default", **batch["inputs"]), batch["labels"])
+        loss = torch.nn.functional.cross_entropy(model("default", **batch.inputs), batch.labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -168,7 +169,7 @@ def test_act_row_effective_learning_rate(tiny_model_dir, synthetic_dir):
     batch = batch_of(synthetic_dir, processor, model.act_token_id, [0, 1, 2, 3])
     before = model.act_embedding.detach().clone()
     head_before = model.heads["default"].net.weight.detach().clone()
-    torch.nn.functional.cross_entropy(model("default", **batch["inputs"]), batch["labels"]).backward()
+    torch.nn.functional.cross_entropy(model("default", **batch.inputs), batch.labels).backward()
     moved = model.act_embedding.grad.abs() > 1e-6  # Adam's eps (1e-8) only matters for ~0 gradients
     optimizer.step()
     step = (model.act_embedding - before).abs()[moved]
@@ -199,16 +200,16 @@ def test_weights_save_load_gives_identical_logits(family_model_dir, synthetic_di
     model.eval()
     batch = batch_of(synthetic_dir, processor, model.act_token_id, [0, 1])
     with torch.no_grad():
-        expected = model("default", **batch["inputs"])
+        expected = model("default", **batch.inputs)
     save_weights(model, tmp_path / "ckpt")
 
     _, fresh = build_classifier(cfg, {"default": 6})
     fresh.eval()
     with torch.no_grad():
-        assert not torch.allclose(fresh("default", **batch["inputs"]), expected)
+        assert not torch.allclose(fresh("default", **batch.inputs), expected)
     load_weights(fresh, tmp_path / "ckpt")
     with torch.no_grad():
-        assert torch.equal(fresh("default", **batch["inputs"]), expected)
+        assert torch.equal(fresh("default", **batch.inputs), expected)
 
     # A checkpoint made with another LoRA rank is refused, not half-loaded.
     _, other = build_classifier(dataclasses.replace(cfg, lora_rank=8), {"default": 6})

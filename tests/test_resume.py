@@ -95,7 +95,7 @@ def test_dataloader_workers_survive_sigint():
 
 
 def test_a_relayed_ctrl_c_stops_once_and_a_later_one_quits():
-    stop = train.StopSignal()
+    stop = train.StopSignal(0)
     try:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # torchrun relays the keypress its ranks already got

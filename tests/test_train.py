@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import config
+import llamafactory
 import predict
 import train
 
@@ -78,14 +79,14 @@ def test_misspelled_key_names_the_right_one(tmp_path):
     config_file = tmp_path / "bad.yaml"
     config_file.write_text("learning_rte: 1.0e-4\ntrain_datasets: [{path: x.jsonl}]\n")
     with pytest.raises(config.ConfigError) as err:
-        config.parse_config(["--config", str(config_file)])
+        llamafactory.parse_config(["--config", str(config_file)])
     message = str(err.value)
     assert "learning_rte" in message and "did you mean 'learning_rate'" in message and str(config_file) in message
 
 
 def test_config_values_are_type_checked_and_collected(tmp_path):
     with pytest.raises(config.ConfigError) as err:
-        config.parse_config(["--train_datasets", "[{path: x.jsonl}]", "--lora_rank", "0",
+        llamafactory.parse_config(["--train_datasets", "[{path: x.jsonl}]", "--lora_rank", "0",
                             "--action_decoder_type", "conv", "--bf16", "yes please", "--learning_rate", "-1"])
     message = str(err.value)
     for fragment in ("lora_rank: must be > 0", "action_decoder_type: 'conv' is not one of",
@@ -94,7 +95,7 @@ def test_config_values_are_type_checked_and_collected(tmp_path):
 
 
 def test_cli_overrides_parse_as_yaml(tmp_path):
-    cfg = config.parse_config(["--train_datasets", "[{path: a.jsonl, weight: 2}, {path: b.jsonl}]",
+    cfg = llamafactory.parse_config(["--train_datasets", "[{path: a.jsonl, weight: 2}, {path: b.jsonl}]",
                               "--learning_rate", "3e-4", "--bf16", "true", "--video_num_frames", "null"])
     assert cfg.train_datasets == [{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl"}]
     assert cfg.learning_rate == 3e-4 and cfg.bf16 is True and cfg.video_num_frames is None
@@ -102,6 +103,6 @@ def test_cli_overrides_parse_as_yaml(tmp_path):
 
 @pytest.mark.parametrize("name", ["synthetic", "ucf101", "sthsthv2"])
 def test_shipped_configs_parse(name):
-    cfg = config.parse_config(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")])
+    cfg = llamafactory.parse_config(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")])
     assert cfg.train_datasets and cfg.eval_datasets
     assert cfg.num_action_classes == {"synthetic": 6, "ucf101": 101, "sthsthv2": 174}[name]

@@ -18,10 +18,12 @@ from peft.tuners.lora import LoraLayer
 from transformers import get_polynomial_decay_schedule_with_warmup
 
 import train
-from config import Config, ConfigError, parse_config
+from config import Config, ConfigError
+from llamafactory import parse_config
 from data import hold_out
 from inference import VideoClassifier
-from model import build_classifier, checkpoint_problem, load_processor, vision_geometry
+from checkpoint import checkpoint_problem
+from model import build_classifier, load_processor, vision_geometry
 from test_resume import ROOT, assert_same_training, train_losses
 
 
@@ -84,7 +86,7 @@ def test_val_size_records_are_evaluated_and_never_trained_on(base_args, syntheti
     micro_step = train.train_micro_step
 
     def spy(run, batch):
-        trained.extend(batch["sources"])
+        trained.extend(batch.sources)
         return micro_step(run, batch)
     monkeypatch.setattr(train, "train_micro_step", spy)
     out = str(tmp_path / "run")

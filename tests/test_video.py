@@ -268,12 +268,12 @@ def test_temporal_position_steps_follow_the_frame_rate(tmp_path, processor):
     model = Qwen2_5_VLModel(config)
 
     def temporal_step(item):
-        batch = collate([item])["inputs"]
+        batch = collate([item]).inputs
         position_ids, _ = model.get_rope_index(
             batch["input_ids"], batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
             second_per_grid_ts=batch["second_per_grid_ts"], attention_mask=batch["attention_mask"])
         temporal = position_ids[0, 0][batch["mm_token_type_ids"][0] == 2].unique()
-        assert len(temporal) == len(item["indices"]) / 2  # one position per temporal patch of 2 frames
+        assert len(temporal) == len(item.indices) / 2  # one position per temporal patch of 2 frames
         step = set(torch.diff(temporal).tolist())
         assert len(step) == 1  # evenly spaced
         return step.pop()
@@ -281,7 +281,7 @@ def test_temporal_position_steps_follow_the_frame_rate(tmp_path, processor):
     steps = {}
     for rate in (1.0, 2.0, 4.0):
         item = dataset_item(clip25, rate)
-        assert len(item["indices"]) == 4 * rate  # 4 s at `rate` frames per second
+        assert len(item.indices) == 4 * rate  # 4 s at `rate` frames per second
         steps[rate] = temporal_step(item)
     # the step is the time between patches (2 frames / rate) in tokens_per_second units
     assert steps[1.0] / steps[2.0] == 2.0 and steps[2.0] / steps[4.0] == 2.0
@@ -337,15 +337,15 @@ def test_cache_items_equal_uncached(tmp_path, videos, monkeypatch):
     keys = [(i, epoch, train) for i in range(len(paths)) for epoch, train in [(0, True), (1, True), (0, False)]]
     expected = {key: plain[key] for key in keys}
     for (i, _, _), item in expected.items():  # uncached items are decode_frames at the budget size
-        size = frame_size(item["info"], 3136, 6272)
-        assert np.array_equal(item["frames"], decode_frames(paths[i], item["indices"], size))
+        size = frame_size(item.info, 3136, 6272)
+        assert np.array_equal(item.frames, decode_frames(paths[i], item.indices, size))
 
     def check():
         for key in keys:
             a, b = expected[key], cached[key]
-            assert np.array_equal(a["indices"], b["indices"]) and a["info"] == b["info"]
-            assert b["frames"].dtype == np.uint8 and b["frames"].flags.c_contiguous
-            assert np.array_equal(a["frames"], b["frames"]), key
+            assert np.array_equal(a.indices, b.indices) and a.info == b.info
+            assert b.frames.dtype == np.uint8 and b.frames.flags.c_contiguous
+            assert np.array_equal(a.frames, b.frames), key
 
     check()  # the first key of each clip writes its file, the others read it
     files = glob.glob(os.path.join(cache, "*", "*"))
@@ -364,9 +364,9 @@ def test_cache_survives_broken_files_and_concurrent_workers(tmp_path):
     # eight samples of one clip, two workers: they race to write the same file
     dataset = VideoDataset([Sample(clip, [], 0, "default", f"test:{i}") for i in range(8)], settings)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[(i, 0, True)] for i in range(8)],
-                                         collate_fn=lambda items: items[0]["frames"], num_workers=2,
+                                         collate_fn=lambda items: items[0].frames, num_workers=2,
                                          timeout=120)  # a deadlocked worker fails instead of hanging
-    expected = [VideoDataset(dataset.samples, VideoSettings(4.0, 16, None, 3136, 6272))[(i, 0, True)]["frames"]
+    expected = [VideoDataset(dataset.samples, VideoSettings(4.0, 16, None, 3136, 6272))[(i, 0, True)].frames
                 for i in range(8)]
     for got, want in zip(loader, expected):
         assert np.array_equal(got, want)
@@ -376,5 +376,5 @@ def test_cache_survives_broken_files_and_concurrent_workers(tmp_path):
     size = os.path.getsize(file)
     with open(file, "r+b") as f:
         f.truncate(size - 1000)
-    assert np.array_equal(dataset[(3, 0, True)]["frames"], expected[3])
+    assert np.array_equal(dataset[(3, 0, True)].frames, expected[3])
     assert os.path.getsize(file) == size
