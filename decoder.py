@@ -60,7 +60,7 @@ class ActionDecoder(nn.Module):
         else:
             if hidden_size % num_heads:
                 raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
-            # recorded only here, so linear/mlp heads saved before these arguments existed still match
+            # recorded for transformer heads only: linear and mlp heads have no such layers
             self.config.update(num_transformer_layers=num_transformer_layers, num_heads=num_heads, dropout=dropout)
             self.projection = nn.Linear(hidden_size, hidden_size)
             self.transformer_layers = nn.ModuleList(

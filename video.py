@@ -342,8 +342,8 @@ CACHE_HEADER = 4096  # bytes: magic + JSON, space-padded; the frames follow
 
 def cache_file(cache_dir, path, min_pixels, max_pixels, factor=28):
     stat = os.stat(path)
-    scale = [min_pixels, max_pixels] + ([factor] if factor != 28 else [])  # 28: the files written before 32 existed
-    key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, *scale, CACHE_MAGIC.decode()])
+    key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, min_pixels, max_pixels, factor,
+                      CACHE_MAGIC.decode()])
     digest = hashlib.sha1(key.encode()).hexdigest()
     return os.path.join(cache_dir, digest[:2], digest + ".frames")
 

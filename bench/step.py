@@ -120,9 +120,9 @@ def model_config(args):
             if hasattr(config.vision_config, "deepstack_visual_indexes"):
                 config.vision_config.deepstack_visual_indexes = [0]
         return config
-    from prepare.tiny_model import tiny_config
+    from prepare.tiny_model import TinySize, tiny_config
 
-    return tiny_config(args.hidden, args.layers, args.heads, args.vision_depth, args.vision_hidden, family=args.family)
+    return tiny_config(TinySize(args.hidden, args.layers, args.heads, args.vision_depth, args.vision_hidden), args.family)
 
 
 def train_config(args, gradient_checkpointing):

@@ -12,7 +12,7 @@ import os
 import random
 import sys
 
-# The 15 question/answer pairs of the peer files (../shared/peer-data/ivcp_ucf101_*.json, from the
+# The 15 question/answer pairs of IVCP's UCF101 files (ivcp_ucf101_*.json, from the
 # IVCP LLaMA-Factory fork), pair i = (QUESTIONS[i], ANSWERS[i]). Pair 0 is the fixed phrasing.
 # Each question starts with "<video>" (where the video goes); each answer holds "<ACT>" exactly once
 # (the token whose hidden state is classified).

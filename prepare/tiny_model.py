@@ -246,11 +246,22 @@ def qwen3_5_config(family, hidden, layers, heads, vision_depth, vision_hidden):
                                          tie_word_embeddings=False)  # as in the 35B-A3B model
 
 
-def tiny_config(hidden, layers, heads, vision_depth, vision_hidden, family=DEFAULT_FAMILY):
+@dataclasses.dataclass(frozen=True)
+class TinySize:
+    """How big a tiny model is: language model hidden size, layers, attention heads; vision tower
+    depth and hidden size. The defaults make the demo's and the tests' checkpoints."""
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    vision_depth: int = 2
+    vision_hidden: int = 64
+
+
+def tiny_config(size=TinySize(), family=DEFAULT_FAMILY):
     family_spec(family)
     build = {"qwen2": qwen2_vl_config, "qwen3_vl": qwen3_vl_config, "qwen3_5": qwen3_5_config}
     prefix = "qwen2" if family.startswith("qwen2") else "qwen3_vl" if family.startswith("qwen3_vl") else "qwen3_5"
-    return build[prefix](family, hidden, layers, heads, vision_depth, vision_hidden)
+    return build[prefix](family, size.hidden, size.layers, size.heads, size.vision_depth, size.vision_hidden)
 
 
 @functools.lru_cache(maxsize=1)
@@ -304,15 +315,13 @@ def build_processor(min_pixels=None, max_pixels=None, family=DEFAULT_FAMILY):
         chat_template=template)
 
 
-def write_tiny_model(out, hidden=64, layers=2, heads=4, vision_depth=2, vision_hidden=64, seed=0,
-                     min_pixels=None, max_pixels=None, family=DEFAULT_FAMILY):
+def write_tiny_model(out, size=TinySize(), seed=0, family=DEFAULT_FAMILY):
     """Build, save and return `out`. Written to a temp folder and renamed, so a half-written
     directory never looks like a model."""
     spec = family_spec(family)
     torch.manual_seed(seed)
-    model = getattr(transformers, spec.model_class)(
-        tiny_config(hidden, layers, heads, vision_depth, vision_hidden, family))
-    processor = build_processor(min_pixels, max_pixels, family)
+    model = getattr(transformers, spec.model_class)(tiny_config(size, family))
+    processor = build_processor(family=family)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tiny-model-")
@@ -336,8 +345,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = args.out if args.out is not None else FAMILIES[args.family].out
-    write_tiny_model(out, args.hidden, args.layers, args.heads, args.vision_depth, args.vision_hidden, args.seed,
-                     family=args.family)
+    size = TinySize(args.hidden, args.layers, args.heads, args.vision_depth, args.vision_hidden)
+    write_tiny_model(out, size, args.seed, args.family)
     print(f"wrote a tiny {FAMILIES[args.family].model_class} (hidden {args.hidden}, {args.layers} layers, "
           f"vision depth {args.vision_depth}) to {out}")
 

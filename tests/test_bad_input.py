@@ -131,10 +131,10 @@ def test_checkpoint_with_other_class_count_is_refused(base_args, tmp_path):
 
 
 def test_checkpoint_from_another_base_model_is_refused(base_args, tmp_path, tiny_model_dir):
-    from prepare.tiny_model import write_tiny_model
+    from prepare.tiny_model import TinySize, write_tiny_model
 
     train.main(base_args + ["--max_steps", "1", "--eval_datasets", "[]"])
-    other = write_tiny_model(str(tmp_path / "other-model"), hidden=32, layers=1, heads=2)
+    other = write_tiny_model(str(tmp_path / "other-model"), TinySize(hidden=32, layers=1, heads=2))
     with pytest.raises(SystemExit, match="was trained on .*tiny-qwen2.5-vl.*model_name_or_path is .*other-model"):
         train.main(base_args + ["--max_steps", "2", "--eval_datasets", "[]", "--resume", "auto",
                                 "--model_name_or_path", other])

@@ -20,50 +20,26 @@ import model
 import train
 from prepare.synthetic import make_clip, write_video
 
-PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "peer-data")
-IVCP_CONFIGS = os.path.join(PEER, "ivcp-configs")
-YAMLS = sorted(name for name in os.listdir(IVCP_CONFIGS) if name.endswith(".yaml")) if os.path.isdir(
-    IVCP_CONFIGS) else []
-# Config fields that the other two parts of issue 13 add (lf-train: B, ivcp-head: C). Until their branches
-# are merged these keys are unknown here; the helpers below drop them so the rest can be tested.
-LATER_PARTS = {"report_to", "run_name", "ddp_timeout", "max_samples", "val_size", "metric_for_best_model",
-               "use_rslora", "save_only_model", "lr_scheduler_kwargs", "action_decoder_num_transformer_layers",
-               "action_decoder_num_heads", "action_decoder_dropout", "action_cls_token_loss_weight"}
-FIELDS = {f.name for f in config.dataclasses.fields(config.Config)}
-
-pytestmark = pytest.mark.skipif(not YAMLS, reason="../shared/peer-data/ivcp-configs is not here")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+IVCP_CONFIGS = os.path.join(DATA, "ivcp")  # IVCP's four configs and its registry, in its format
+YAMLS = sorted(name for name in os.listdir(IVCP_CONFIGS) if name.endswith(".yaml"))
 
 
 def ivcp_yaml(name):
     return config.read_yaml(os.path.join(IVCP_CONFIGS, name))
 
 
-def runnable_copy(name, tmp_path):
-    """The YAML as it is, less the keys of parts B/C this branch does not have yet, and with IVCP's
-    transformer head swapped for mlp until part C's lands. Returns (path, what was changed)."""
-    raw, changed = ivcp_yaml(name), []
-    for key in sorted(set(raw) & LATER_PARTS - FIELDS):
-        changed.append(f"dropped {key}")
-        del raw[key]
-    if raw.get("action_decoder_type") not in config.CHOICES["action_decoder_type"]:
-        changed.append(f"action_decoder_type {raw['action_decoder_type']} -> mlp")
-        raw["action_decoder_type"] = "mlp"
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return str(path), changed
-
-
 def write_ivcp_layout(root, train=16, test=4):
-    """IVCP's on-disk layout, small: root/data holds IVCP's real dataset_info.json and the first records
-    of IVCP's real UCF101 files (SSv2: records in the same format), root/media generated clips at the
-    records' relative paths. Returns (dataset_dir, media_dir)."""
+    """IVCP's on-disk layout, small: root/data holds IVCP's dataset_info.json and records of IVCP's UCF101
+    files (the excerpt: train from its first records, test from its last; SSv2: records in the same
+    format), root/media generated clips at the records' relative paths. Returns (dataset_dir, media_dir)."""
     dataset_dir, media_dir = os.path.join(root, "data"), os.path.join(root, "media")
     os.makedirs(dataset_dir)
     shutil.copy(os.path.join(IVCP_CONFIGS, "dataset_info.json"), dataset_dir)
     rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("test", test)):
-        with open(os.path.join(PEER, f"ivcp_ucf101_{split}.json")) as f:
-            records = json.load(f)[:count]
+    with open(os.path.join(DATA, "ivcp_ucf101_excerpt.json")) as f:
+        excerpt = json.load(f)
+    for split, records in (("train", excerpt[:train]), ("test", excerpt[-test:])):
         write_split(os.path.join(dataset_dir, f"ucf101_{split}.json"), records, media_dir, rng)
     for split, count in (("train", train), ("val", test)):
         records = [{"messages": [{"role": "user", "content": "<video>What action is being performed?"},
@@ -99,15 +75,12 @@ def parse(argv):
 def test_every_ivcp_key_is_handled(name, key):
     kind = llamafactory.lf_key_kind(key)
     assert kind in ("field", "translated", "ignored", "refused"), f"{name}: {key} is neither accepted nor refused"
-    if key in LATER_PARTS:
-        assert kind == "field", f"{key} must be accepted as a Config field, not {kind}"
 
 
 @pytest.mark.parametrize("name", YAMLS)
 def test_ivcp_yaml_parses_with_paths_changed(name, ivcp_layout, tmp_path):
     dataset_dir, media_dir = ivcp_layout
-    path, _ = runnable_copy(name, tmp_path)
-    argv = ["--config", path, "--model_name_or_path", "data/tiny-qwen2.5-vl", "--dataset_dir", dataset_dir,
+    argv = ["--config", os.path.join(IVCP_CONFIGS, name), "--model_name_or_path", "data/tiny-qwen2.5-vl", "--dataset_dir", dataset_dir,
             "--media_dir", media_dir, "--output_dir", str(tmp_path / "out")]
     raw = ivcp_yaml(name)
     if raw.get("adapter_name_or_path"):  # evaluation / prediction of a checkpoint: an actcls one here
@@ -137,6 +110,7 @@ def fake_checkpoint(path, **settings):
     """A folder that passes for an actcls checkpoint at parse time: its files, its config.yaml."""
     os.makedirs(path)
     (path / "trainable.safetensors").write_bytes(b"")
+    (path / "trainer_state.json").write_text("{}")
     (path / "config.yaml").write_text(yaml.safe_dump({"action_decoder_type": "linear", **settings}))
     return str(path)
 
@@ -146,7 +120,7 @@ def fake_checkpoint(path, **settings):
 
 @pytest.mark.parametrize("available,expected", [(False, "sdpa"), (True, "flash_attention_2")])
 def test_fa2_falls_back_to_sdpa_without_flash_attn(monkeypatch, available, expected):
-    monkeypatch.setattr(config, "flash_attn_available", lambda: available)
+    monkeypatch.setattr(llamafactory, "flash_attn_available", lambda: available)
     cfg, notes = parse(["--train_datasets", "[{path: x.jsonl}]", "--flash_attn", "fa2"])
     assert cfg.attn_implementation == expected
     warned = [n for n in notes if n.startswith("warning: flash_attn: fa2 -> attn_implementation: sdpa")]
@@ -235,8 +209,8 @@ def test_registry_columns_and_tags_are_honoured(tmp_path):
     assert [e["name"] for e in cfg.train_datasets] == ["plain", "mine"]  # a comma list
     assert cfg.train_datasets[1]["columns"] == {"messages": "dialog", "videos": "clips"}
     for entry, label in zip(cfg.train_datasets, (1, 2)):
-        samples, bad = data.load_samples(entry["path"], entry["video_root"], 6, columns=entry.get("columns"),
-                                         tags=entry.get("tags"))
+        rename = lambda record, e=entry: llamafactory.renamed_record(record, e.get("columns"), e.get("tags"))  # noqa: E731
+        samples, bad = data.load_samples(entry["path"], entry["video_root"], 6, rename=rename)
         assert bad == [] and samples[0].label == label and samples[0].video == str(clip)
         assert samples[0].messages == [{"role": "user", "content": "<video>What?"},
                                        {"role": "assistant", "content": "It is <ACT>."}]
@@ -355,16 +329,15 @@ def test_train_then_eval_with_ivcp_yamls(ivcp_layout, tiny_model_dir, tmp_path, 
     paths = ["--model_name_or_path", tiny_model_dir, "--dataset_dir", dataset_dir, "--media_dir", media_dir]
     fast = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
             "--dataloader_num_workers", "0", "--bf16", "false"]
-    if "report_to" in FIELDS:  # the YAML's wandb is optional and not installed for the tests
-        fast += ["--report_to", "none"]
-    train_yaml, _ = runnable_copy("qwen2_5vl_ucf101.yaml", tmp_path)
+    fast += ["--report_to", "none"]  # the YAML's wandb is optional and not installed for the tests
+    train_yaml = os.path.join(IVCP_CONFIGS, "qwen2_5vl_ucf101.yaml")
     train.main(["--config", train_yaml, *paths, "--output_dir", str(tmp_path / "run"), *fast])
     out = capsys.readouterr().out
     assert out.count("ignored (no effect here): plot_loss: true: ") == 1
     assert out.count("LLaMA-Factory/IVCP key translated: dataset: ucf101_train -> train_datasets") == 1
     val = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"val"' in line][-1]
 
-    eval_yaml, _ = runnable_copy("qwen2_5vl_ucf101_eval.yaml", tmp_path)
+    eval_yaml = os.path.join(IVCP_CONFIGS, "qwen2_5vl_ucf101_eval.yaml")
     train.main(["--config", eval_yaml, *paths, "--adapter_name_or_path", str(tmp_path / "run" / "checkpoints" / "best"),
                 "--output_dir", str(tmp_path / "eval"), "--dataloader_num_workers", "0", "--bf16", "false"])
     assert "the checkpoint's model settings: lora_dropout: 0.0 -> 0.05, use_dora: false -> true" in capsys.readouterr().out

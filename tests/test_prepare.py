@@ -172,7 +172,7 @@ def test_peer_excerpt_labels_match_ucf101_converter(tmp_path):
     """The IVCP files (UCF101 split 1, paths "UCF101/<Class>/<file>.avi") and our converter agree on
     every clip's label when given the real classInd.txt.
 
-    tests/data/ivcp_ucf101_excerpt.json: 30 records copied verbatim from ../shared/peer-data
+    tests/data/ivcp_ucf101_excerpt.json: 30 records copied verbatim from IVCP's UCF101 files
     (3 train + 2 test clips of 6 classes, covering all 15 phrasings); tests/data/ucf101_classInd.txt:
     the real 101-class classInd, label -> class folder read off the full peer files."""
     excerpt = json.loads((DATA / "ivcp_ucf101_excerpt.json").read_text())

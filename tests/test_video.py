@@ -20,7 +20,7 @@ from video import (DataError, VideoSettings, decode_frames, frame_size, num_fram
                    sample_indices, smart_resize)
 from model import ACT_TOKEN
 from prepare.synthetic import textured_clip, write_video
-from prepare.tiny_model import build_processor, tiny_config
+from prepare.tiny_model import TinySize, build_processor, tiny_config
 
 T = 48  # frames in the stamped fixtures: 6 index bits
 H, W = 64, 96  # 2 rows x 3 columns of 32x32 bit blocks
@@ -264,7 +264,7 @@ def test_temporal_position_steps_follow_the_frame_rate(tmp_path, processor):
     clip25 = write_clip(tmp_path / "clip.avi", 100, 25, 120, 160)  # 4 s at 25 fps
     clip12 = write_clip(tmp_path / "clip.webm", 48, 12, 120, 160)  # 4 s at 12 fps
     collate = Collator(processor, processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN))
-    config = tiny_config(hidden=64, layers=1, heads=4, vision_depth=1, vision_hidden=32)
+    config = tiny_config(TinySize(hidden=64, layers=1, heads=4, vision_depth=1, vision_hidden=32))
     model = Qwen2_5_VLModel(config)
 
     def temporal_step(item):
