@@ -110,13 +110,13 @@ def open_and_write(path, text):
         f.write(text)
 
 
-def read_json(path, error=None):
-    """A JSON file, or `error` (an exception class) naming it when it cannot be read."""
+def read_json(path):
+    """A JSON file of a checkpoint or an export; CheckpointError naming it when it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise (error if error is not None else CheckpointError)(f"{path}: cannot read it ({e})") from None
+        raise CheckpointError(f"{path}: cannot read it ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------

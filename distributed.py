@@ -38,7 +38,8 @@ def setup(timeout_s=1800):
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)
     else:
-        local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         if cuda:
             torch.cuda.set_device(local_rank)
         try:
@@ -47,8 +48,8 @@ def setup(timeout_s=1800):
             raise SystemExit(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the other ranks did not "
                              f"join within ddp_timeout={timeout_s}s ({e}). Start every node's torchrun with the "
                              f"same --nnodes and rendezvous endpoint, or raise ddp_timeout.") from None
-    if not cuda:  # share the CPU cores between the local ranks instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not cuda and local_world > 1:  # share the CPU cores between the local ranks instead of oversubscribing
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # them (alone: torch's default)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 

@@ -363,7 +363,9 @@ def run_eval_only(cfg, rank, world, device):
     """Evaluates cfg.checkpoint (weights only, no optimizer) with eval_num_clips x eval_num_crops
     views; writes eval.json, predictions.jsonl and confusion_<dataset>.png to output_dir."""
     processor, model, _, mix = load_data_and_model(cfg, device)
-    checkpoint.load_checkpoint(cfg.checkpoint, model, cfg)  # weights only: the trainer state is not needed
+    if checkpoint.folder_kind(cfg.checkpoint) == "checkpoint":
+        checkpoint.check_base_model(cfg.checkpoint, cfg)
+    checkpoint.load_weights(model, cfg.checkpoint)  # weights only: no optimizer, no trainer state
     loader = eval_loader(mix, Collator(processor, model.act_token_id), cfg, world, rank)
     results, probs, skipped = evaluate(model, loader, mix, cfg, device)
     gathered = all_gather(prediction_rows(probs, mix.dataset.samples))

@@ -156,10 +156,10 @@ def test_batch_predict_killed_half_way_resumes_each_video_once(exported, synthet
     out, _, _ = exported
     target = out["lora"][1]
     folder = tmp_path / "clips"
-    shutil.copytree(os.path.join(synthetic_dir, "videos"), folder)
+    shutil.copytree(os.path.join(synthetic_dir, "videos"), folder, ignore=shutil.ignore_patterns("train_*"))
     (folder / "zz_broken.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
     videos = sorted(str(folder / f) for f in os.listdir(folder) if f.endswith((".mp4", ".avi", ".webm")))
-    assert len(videos) == 37  # 12 AVI, 12 MP4, 12 WebM clips and the broken one
+    assert len(videos) == 13  # the 12 validation clips (4 AVI, 4 MP4, 4 WebM) and the broken one
     results = tmp_path / "results.jsonl"
 
     first = subprocess.Popen(predict_cmd(target, folder, results, 0), cwd=ROOT, stdout=subprocess.PIPE,

@@ -13,6 +13,7 @@ import torch
 from inference import VideoClassifier
 from data import Collator, VideoDataset, load_samples
 from model import build_classifier
+import train
 from test_resume import ROOT, assert_same_training, torchrun, train_losses
 from config import head_sizes, saved_config
 from video import VideoSettings
@@ -69,14 +70,36 @@ def test_fsdp_checkpoint_loads_into_a_plain_model(runs, synthetic_dir):
         assert not torch.allclose(untrained.eval()("default", **batch.inputs), logits["fsdp"], atol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_resume_from_an_fsdp_checkpoint_continues_the_run(runs, tmp_path, mode):
-    """Stopped after step 2 (its step 4 removed), resumed sharded or not: steps 3-4 as in one go."""
+def test_ddp_two_ranks_with_accumulation_equals_one_process(runs, tmp_path):
+    """2 ranks x 1 clip x 2 micro-steps (no_sync on the first) == 1 process x 4 clips."""
     args, dirs = runs
+    single = str(tmp_path / "single")
+    train.main(args + ["--output_dir", single, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"])
+    assert_same_training(single, dirs["ddp"])
+
+
+def resumed_from_step_2(dirs, tmp_path):
     out = str(tmp_path / "resumed")
     shutil.copytree(dirs["fsdp"], out)
     shutil.rmtree(os.path.join(out, "checkpoints", "step_0000004"))
-    result = torchrun(args + ["--output_dir", out, "--fsdp", str(mode == "fsdp").lower(), "--resume", "auto"])
+    return out
+
+
+def test_resume_from_an_fsdp_checkpoint_continues_the_run_sharded(runs, tmp_path):
+    """Stopped after step 2 (its step 4 removed), resumed sharded: steps 3-4 as in one go."""
+    args, dirs = runs
+    out = resumed_from_step_2(dirs, tmp_path)
+    result = torchrun(args + ["--output_dir", out, "--fsdp", "true", "--resume", "auto"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "at step 2" in result.stdout
+    assert_same_training(dirs["fsdp"], out)
+
+
+def test_resume_from_an_fsdp_checkpoint_continues_the_run_in_one_plain_process(runs, tmp_path, capsys):
+    """The same checkpoint resumed unsharded by one process of 2 clips x 2 micro-steps (the same 4
+    clips a step as 2 ranks x 1 x 2): steps 3-4 as in one go."""
+    args, dirs = runs
+    out = resumed_from_step_2(dirs, tmp_path)
+    train.main(args + ["--output_dir", out, "--fsdp", "false", "--resume", "auto", "--per_device_train_batch_size", "2"])
+    assert "at step 2" in capsys.readouterr().out
     assert_same_training(dirs["fsdp"], out)

@@ -111,7 +111,7 @@ def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path):
     """A terminal's Ctrl-C signals the whole process group: the trainer and its DataLoader workers.
     The workers must live on, the trainer must save at once (no evaluation first) and exit 0."""
     out = str(tmp_path / "run")
-    args = base_args + ["--output_dir", out, "--max_steps", "40", "--dataloader_num_workers", "1",
+    args = base_args + ["--output_dir", out, "--max_steps", "12", "--dataloader_num_workers", "1",
                         "--eval_steps", "0", "--resume", "auto"]  # an eval set: evaluated at the end only
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -124,7 +124,7 @@ def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert "stopped by SIGINT" in output and "exited unexpectedly" not in output, output[-3000:]
     stopped_at = train_losses(out)[-1][0]
-    assert 3 <= stopped_at < 40
+    assert 3 <= stopped_at < 12
     assert os.listdir(os.path.join(out, "checkpoints")) == [f"step_{stopped_at:07d}"]
     assert not [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if m["split"] == "val"]
 
@@ -132,15 +132,15 @@ def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0 and "resumed from" in final.stdout, final.stdout[-2000:] + final.stderr[-2000:]
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [m["step"] for m in metrics if m["split"] == "train"] == list(range(1, 41))
-    assert [m["step"] for m in metrics if m["split"] == "val"] == [40]
+    assert [m["step"] for m in metrics if m["split"] == "train"] == list(range(1, 13))
+    assert [m["step"] for m in metrics if m["split"] == "val"] == [12]
 
 
 class StopAlreadyRequested(train.StopSignal):
     """As if SIGTERM had arrived during the first step."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, rank):
+        super().__init__(rank)
         self.requested, self.name, self.since = 1, "SIGTERM", time.monotonic()
 
 
@@ -203,18 +203,6 @@ def torchrun(args, nproc=2, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_ddp_two_ranks_with_accumulation_equals_one_process(base_args, tmp_path):
-    """2 ranks x 1 clip x 2 micro-steps (no_sync on the first) == 1 process x 4 clips."""
-    common = base_args + ["--max_steps", "3", "--eval_datasets", "[]", "--lr_scheduler_type", "constant",
-                          "--warmup_steps", "0"]
-    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
-    train.main(common + ["--output_dir", single, "--per_device_train_batch_size", "4"])
-    result = torchrun(common + ["--output_dir", ddp, "--per_device_train_batch_size", "1",
-                                "--gradient_accumulation_steps", "2"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_training(single, ddp)
-
-
 def checkpoint_is_complete(folder):
     """Everything a resume reads, read the way a resume reads it."""
     load_file(os.path.join(folder, "trainable.safetensors"))
@@ -234,12 +222,12 @@ def test_kill_at_random_moments_never_corrupts_the_last_checkpoint(base_args, tm
     after each, the newest complete checkpoint must load, and the next run resumes from it; the
     finished run trains exactly as an uninterrupted one. (bench/kill_sweep.py: every phase, workers.)"""
     out = str(tmp_path / "run")
-    args = base_args + ["--output_dir", out, "--max_steps", "100", "--save_steps", "1", "--save_total_limit", "2",
+    args = base_args + ["--output_dir", out, "--max_steps", "40", "--save_steps", "1", "--save_total_limit", "2",
                         "--eval_datasets", "[]", "--resume", "auto"]
     train.main(args + ["--output_dir", str(tmp_path / "uninterrupted"), "--resume", "null"])
     rng = random.Random(0)
     resumed_steps = []
-    for kill in range(8):
+    for kill in range(4):
         before = logged_steps(out)
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -255,11 +243,11 @@ def test_kill_at_random_moments_never_corrupts_the_last_checkpoint(base_args, tm
         found = sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_"))
         if found:
             assert checkpoint_is_complete(os.path.join(out, "checkpoints", found[-1])) == int(found[-1][5:])
-    assert len(resumed_steps) >= 7 and resumed_steps == sorted(resumed_steps), "each resume starts where the last left off"
+    assert len(resumed_steps) >= 3 and resumed_steps == sorted(resumed_steps), "each resume starts where the last left off"
     final = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
     steps = [s for s, _ in train_losses(out)]
-    assert steps == list(range(1, 101)), "metrics.jsonl reads as one uninterrupted run"
+    assert steps == list(range(1, 41)), "metrics.jsonl reads as one uninterrupted run"
     reference = dict(train_losses(str(tmp_path / "uninterrupted")))
     assert max(abs(loss - reference[step]) for step, loss in train_losses(out)) <= 1e-6
