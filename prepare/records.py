@@ -4,7 +4,8 @@ missing-file policy.
 usage (from a converter in prepare/):
     splits = {"train": [("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", 0), ...], "val": [...]}
     write_dataset(out, root, splits, class_names, template, seed, allow_missing)
-or piece by piece: make_record, report_missing, write_jsonl, write_classes.
+or piece by piece: make_record, report_missing, report_problems, write_splits, write_jsonl,
+write_classes, print_video_root; add_record_options gives a converter its --template/--seed options.
 """
 
 import json
@@ -61,6 +62,16 @@ assert all(a.count("<ACT>") == 1 for a in ANSWERS)
 MAX_MISSING_SHOWN = 20
 
 
+def add_record_options(parser, allow_missing=True, seed_help="seed of the phrasing draw"):
+    """The options every converter shares: --template, --seed and (unless the converter has its own
+    missing-file policy) --allow-missing."""
+    parser.add_argument("--template", choices=["varied", "fixed"], default="varied",
+                        help="varied: one of 15 phrasings per record, drawn from --seed; fixed: always the first")
+    if allow_missing:
+        parser.add_argument("--allow-missing", action="store_true", help="skip listed videos absent from --root")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
 def make_record(video: str, label: int | None, rng: random.Random | None = None) -> dict:
     """One sharegpt record; rng=None takes the fixed phrasing (pair 0); label=None (an unlabelled
     test split) leaves out the action_label key."""
@@ -108,20 +119,44 @@ def report_missing(missing: list[str], allow_missing: bool):
     print(f"skipping the {len(missing)} missing video(s) (--allow-missing)", file=sys.stderr)
 
 
-def write_dataset(out, root, splits, names, template, seed, allow_missing):
-    """splits: {"train": [(video path relative to root, label or None), ...], ...} -> out/<split>.jsonl
-    and out/classes.json, after one missing-file report covering every split."""
-    missing = [os.path.join(root, v) for entries in splits.values() for v, _ in entries
-               if not os.path.isfile(os.path.join(root, v))]
-    report_missing(missing, allow_missing)
-    missing = set(missing)
+def report_problems(problems: list[str]):
+    """Stop with every problem of the input at once ("file:line: what is wrong"), so one run shows the
+    user all there is to fix; the first MAX_MISSING_SHOWN in full, then a count."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise SystemExit(problems[0])
+    shown = problems[:MAX_MISSING_SHOWN]
+    more = [f"... and {len(problems) - MAX_MISSING_SHOWN} more"] if len(problems) > MAX_MISSING_SHOWN else []
+    raise SystemExit("\n".join([f"{len(problems)} problems in the input; fix them and run again:", *shown, *more]))
 
+
+def write_splits(out, splits, names, template, seed, fields=None):
+    """splits: {"train": [(video path, label or None), ...], ...}, every entry to be written ->
+    out/<split>.jsonl and out/classes.json. fields: extra keys put into every record (e.g. "fps")."""
     # one generator for the whole run, in split order, so the same seed gives the same files
     rng = random.Random(seed) if template == "varied" else None
     for split, entries in splits.items():
-        records = [make_record(v, label, rng) for v, label in entries if os.path.join(root, v) not in missing]
+        records = [{**make_record(v, label, rng), **(fields or {})} for v, label in entries]
         write_jsonl(os.path.join(out, f"{split}.jsonl"), records)
         print(f"wrote {os.path.join(out, split + '.jsonl')}: {len(records)} records")
     write_classes(os.path.join(out, "classes.json"), names)
     print(f"wrote {os.path.join(out, 'classes.json')}: {len(names)} classes")
-    print(f"video_root: {os.path.abspath(root)}  (use this as the dataset's video_root in a config)")
+
+
+def print_video_root(root, what="the dataset's video_root"):
+    print(f"video_root: {os.path.abspath(root)}  (use this as {what} in a config)")
+
+
+def write_dataset(out, root, splits, names, template, seed, allow_missing, exists=os.path.isfile, fields=None):
+    """splits: {"train": [(video path relative to root, label or None), ...], ...} -> out/<split>.jsonl
+    and out/classes.json, after one missing-file report covering every split. exists: how a listed
+    video is found (os.path.isdir for frame folders); fields: as in write_splits."""
+    missing = [os.path.join(root, v) for entries in splits.values() for v, _ in entries
+               if not exists(os.path.join(root, v))]
+    report_missing(missing, allow_missing)
+    missing = set(missing)
+    kept = {split: [(v, label) for v, label in entries if os.path.join(root, v) not in missing]
+            for split, entries in splits.items()}
+    write_splits(out, kept, names, template, seed, fields)
+    print_video_root(root)
