@@ -65,15 +65,14 @@ class VideoClassifier:
         cfg.gradient_checkpointing, cfg.action_decoder_path = False, None  # inference; the weights come from here
         if fp32:
             cfg.bf16 = False
-        processor, model = build_classifier(cfg, head_sizes(cfg))
-        load_weights(model, checkpoint)
-        saved = read_classes(checkpoint)
-        classes = {}
-        for space, head in model.heads.items():
-            classes[space] = class_names(saved, space, head.config["num_classes"])
-            if len(classes[space]) != head.config["num_classes"]:
+        sizes, saved = head_sizes(cfg), read_classes(checkpoint)  # checked before the model loads
+        classes = {space: class_names(saved, space, n) for space, n in sizes.items()}
+        for space, n in sizes.items():
+            if len(classes[space]) != n:
                 raise CheckpointError(f"{checkpoint}/classes.json: {len(classes[space])} class names for label space "
-                                      f"{space!r}, but its head has {head.config['num_classes']} outputs")
+                                      f"{space!r}, but its head has {n} outputs")
+        processor, model = build_classifier(cfg, sizes)
+        load_weights(model, checkpoint)
         return cls(model.to(device).eval(), processor, classes, video_settings(cfg, vision_geometry(processor)), eval_views(cfg), DEFAULT_MESSAGES,
                    cfg.bf16, device)
 

@@ -148,15 +148,14 @@ def print_video_root(root, what="the dataset's video_root"):
     print(f"video_root: {os.path.abspath(root)}  (use this as {what} in a config)")
 
 
-def write_dataset(out, root, splits, names, template, seed, allow_missing, exists=os.path.isfile, fields=None):
+def write_dataset(out, root, splits, names, template, seed, allow_missing):
     """splits: {"train": [(video path relative to root, label or None), ...], ...} -> out/<split>.jsonl
-    and out/classes.json, after one missing-file report covering every split. exists: how a listed
-    video is found (os.path.isdir for frame folders); fields: as in write_splits."""
+    and out/classes.json, after one missing-file report covering every split."""
     missing = [os.path.join(root, v) for entries in splits.values() for v, _ in entries
-               if not exists(os.path.join(root, v))]
+               if not os.path.isfile(os.path.join(root, v))]
     report_missing(missing, allow_missing)
     missing = set(missing)
     kept = {split: [(v, label) for v, label in entries if os.path.join(root, v) not in missing]
             for split, entries in splits.items()}
-    write_splits(out, kept, names, template, seed, fields)
+    write_splits(out, kept, names, template, seed)
     print_video_root(root)

@@ -78,6 +78,17 @@ def test_ddp_two_ranks_with_accumulation_equals_one_process(runs, tmp_path):
     assert_same_training(single, dirs["ddp"])
 
 
+def test_gradient_checkpointing_under_ddp_matches_no_checkpointing(runs, tmp_path):
+    """The same 2-rank DDP run (no_sync on the first micro-step) with gradient checkpointing: the
+    losses and the weights of the run without it. (Dropout masks replayed by the recompute:
+    test_memory.test_gradient_checkpointing_gives_the_same_gradients.)"""
+    args, dirs = runs
+    out = str(tmp_path / "gc")
+    result = torchrun(args + ["--output_dir", out, "--fsdp", "false", "--gradient_checkpointing", "true"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert_same_training(dirs["ddp"], out)
+
+
 def resumed_from_step_2(dirs, tmp_path):
     out = str(tmp_path / "resumed")
     shutil.copytree(dirs["fsdp"], out)
