@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from decoder import DECODER_TYPES
 from video import VideoSettings
+
+# decoder.ActionDecoder's head types, named here so that parsing a config imports no torch
+# (tests/test_layout.py checks the two lists are the same).
+DECODER_TYPES = ("linear", "mlp", "transformer", "transformer_no_vision")
 
 
 class ConfigError(ValueError):

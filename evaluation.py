@@ -184,13 +184,16 @@ def confusion_figure(confusion, names):
 
 
 def confusion_image(confusion, names):
-    """confusion_figure as an RGB uint8 array (HWC, for the PNG and TensorBoard), cropped to what
-    it draws plus a white margin, so nothing is cut off."""
+    """confusion_figure as an RGB uint8 array (HWC, for the PNG and TensorBoard)."""
+    return figure_image(confusion_figure(confusion, names))
+
+
+def figure_image(fig):
+    """A figure as an RGB uint8 array, cropped to what it draws plus a white margin, so nothing is cut off."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    confusion_figure(confusion, names).savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15,
-                                               facecolor="white")
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15, facecolor="white")
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 

@@ -144,7 +144,7 @@ def trained_weights(checkpoint):
 
 
 def test_train_resume_eval_predict(family_model_dir, synthetic_dir, tmp_path):
-    """3 steps straight vs 2 + a resume from step 2's checkpoint in a fresh folder: the same losses
+    """2 steps straight vs 1 + a resume from step 1's checkpoint in a fresh folder: the same losses
     and bit-identical weights; the end-of-run evaluation and predict.py's VideoClassifier agree on
     top-1 over the same validation clips."""
     args = ["--config", os.path.join(ROOT, "configs", "synthetic.yaml"), "--model_name_or_path", family_model_dir,
@@ -152,24 +152,24 @@ def test_train_resume_eval_predict(family_model_dir, synthetic_dir, tmp_path):
             "--eval_datasets", f"[{{path: {synthetic_dir}/val.jsonl}}]",
             "--video_min_pixels", "3136", "--video_max_pixels", "3136", "--video_maxlen", "4",
             "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "6", "--lora_dropout", "0.1",
-            "--dataloader_num_workers", "0", "--logging_steps", "1", "--eval_steps", "0", "--max_steps", "3",
+            "--dataloader_num_workers", "0", "--logging_steps", "1", "--eval_steps", "0", "--max_steps", "2",
             "--save_steps", "1", "--save_total_limit", "5"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train.main(args + ["--output_dir", straight])
-    step2 = os.path.join(straight, "checkpoints", "step_0000002")
-    shutil.copytree(step2, os.path.join(resumed, "checkpoints", "step_0000002"))
-    train.main(args + ["--output_dir", resumed, "--resume", "auto"])
+    step1 = os.path.join(straight, "checkpoints", "step_0000001")
+    shutil.copytree(step1, os.path.join(resumed, "checkpoints", "step_0000001"))
+    train.main(args + ["--output_dir", resumed, "--resume", "auto", "--eval_datasets", "[]"])
 
-    assert [m["loss"] for m in train_log(resumed, "train")] == [m["loss"] for m in train_log(straight, "train")][2:]
-    final = trained_weights(os.path.join(straight, "checkpoints", "step_0000003"))
-    again = trained_weights(os.path.join(resumed, "checkpoints", "step_0000003"))
+    assert [m["loss"] for m in train_log(resumed, "train")] == [m["loss"] for m in train_log(straight, "train")][1:]
+    final = trained_weights(os.path.join(straight, "checkpoints", "step_0000002"))
+    again = trained_weights(os.path.join(resumed, "checkpoints", "step_0000002"))
     assert final.keys() == again.keys()
     for name in final:
         assert torch.equal(final[name], again[name]), f"{name} differs after resume"
 
     evaluation = train_log(straight, "val")[-1]
     samples, _ = load_samples(os.path.join(synthetic_dir, "val.jsonl"), None, 6)
-    classifier = VideoClassifier.from_pretrained(os.path.join(straight, "checkpoints", "step_0000003"), "cpu")
+    classifier = VideoClassifier.from_pretrained(os.path.join(straight, "checkpoints", "step_0000002"), "cpu")
     predictions = classifier.predict([s.video for s in samples], top_k=1)
     names = json.load(open(os.path.join(synthetic_dir, "classes.json")))
     correct = [p["top"][0][0] == names[s.label] for p, s in zip(predictions, samples)]

@@ -3,8 +3,13 @@ imported inside a function (the usual way to hide a cycle)."""
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
+
+import config
+import decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +57,14 @@ def test_imports_run_one_way(module):
     for imported, line, in_function in project_imports(os.path.join(ROOT, f"{module}.py")):
         assert LAYERS[imported] < layer, f"{module}.py:{line} imports {imported}, which is not below it"
         assert not in_function, f"{module}.py:{line} imports {imported} inside a function"
+
+
+def test_config_parses_without_torch():
+    """The schema is importable on its own, without torch (a fresh interpreter: this one has torch)."""
+    check = "import sys, config; loaded = [m for m in sys.modules if m.split('.')[0] == 'torch']; assert not loaded, loaded"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_config_knows_every_head_type():
+    assert config.DECODER_TYPES == decoder.DECODER_TYPES
