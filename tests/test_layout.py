@@ -68,3 +68,20 @@ def test_config_parses_without_torch():
 
 def test_config_knows_every_head_type():
     assert config.DECODER_TYPES == decoder.DECODER_TYPES
+
+
+def parameter_counts(path):
+    """(function name, line, parameters not counting self/cls) for every function in the file."""
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs] + [p.arg for p in (a.vararg, a.kwarg) if p]
+            yield node.name, node.lineno, len([n for n in names if n not in ("self", "cls")])
+
+
+@pytest.mark.parametrize("module", root_modules() + ["prepare/" + n[:-3] for n in sorted(os.listdir(os.path.join(ROOT, "prepare")))
+                                                    if n.endswith(".py")])
+def test_no_function_takes_more_than_7_parameters(module):
+    wide = [f"{module}.py:{line} {name} ({n})" for name, line, n in parameter_counts(os.path.join(ROOT, f"{module}.py"))
+            if n > 7]
+    assert not wide, "group the arguments (a dataclass, a config) instead: " + ", ".join(wide)

@@ -222,7 +222,7 @@ def test_kill_at_random_moments_never_corrupts_the_last_checkpoint(base_args, tm
     after each, the newest complete checkpoint must load, and the next run resumes from it; the
     finished run trains exactly as an uninterrupted one. (bench/kill_sweep.py: every phase, workers.)"""
     out = str(tmp_path / "run")
-    args = base_args + ["--output_dir", out, "--max_steps", "30", "--save_steps", "1", "--save_total_limit", "2",
+    args = base_args + ["--output_dir", out, "--max_steps", "20", "--save_steps", "1", "--save_total_limit", "2",
                         "--eval_datasets", "[]", "--resume", "auto"]
     train.main(args + ["--output_dir", str(tmp_path / "uninterrupted"), "--resume", "null"])
     rng = random.Random(0)
@@ -248,6 +248,6 @@ def test_kill_at_random_moments_never_corrupts_the_last_checkpoint(base_args, tm
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
     steps = [s for s, _ in train_losses(out)]
-    assert steps == list(range(1, 31)), "metrics.jsonl reads as one uninterrupted run"
+    assert steps == list(range(1, 21)), "metrics.jsonl reads as one uninterrupted run"
     reference = dict(train_losses(str(tmp_path / "uninterrupted")))
     assert max(abs(loss - reference[step]) for step, loss in train_losses(out)) <= 1e-6
