@@ -107,7 +107,7 @@ def test_a_relayed_ctrl_c_stops_once_and_a_later_one_quits():
         stop.restore()
 
 
-def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path):
+def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path, capsys):
     """A terminal's Ctrl-C signals the whole process group: the trainer and its DataLoader workers.
     The workers must live on, the trainer must save at once (no evaluation first) and exit 0."""
     out = str(tmp_path / "run")
@@ -128,9 +128,8 @@ def test_ctrl_c_in_a_terminal_saves_and_the_run_resumes(base_args, tmp_path):
     assert os.listdir(os.path.join(out, "checkpoints")) == [f"step_{stopped_at:07d}"]
     assert not [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if m["split"] == "val"]
 
-    final = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0 and "resumed from" in final.stdout, final.stdout[-2000:] + final.stderr[-2000:]
+    train.main(args)  # the same command again (in this process: what it does is the same)
+    assert "resumed from" in capsys.readouterr().out
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["step"] for m in metrics if m["split"] == "train"] == list(range(1, 13))
     assert [m["step"] for m in metrics if m["split"] == "val"] == [12]
@@ -217,7 +216,7 @@ def logged_steps(output_dir):
     return len(open(path).readlines()) if os.path.exists(path) else 0
 
 
-def test_kill_at_random_moments_never_corrupts_the_last_checkpoint(base_args, tmp_path):
+def test_kill_at_random_moments_never_corrupts_the_last_checkpoint(base_args, tmp_path, capsys):
     """kill -9 at random moments of a run that saves every step (so many kills land mid-save);
     after each, the newest complete checkpoint must load, and the next run resumes from it; the
     finished run trains exactly as an uninterrupted one. (bench/kill_sweep.py: every phase, workers.)"""
@@ -244,9 +243,8 @@ def test_kill_at_random_moments_never_corrupts_the_last_checkpoint(base_args, tm
         if found:
             assert checkpoint_is_complete(os.path.join(out, "checkpoints", found[-1])) == int(found[-1][5:])
     assert len(resumed_steps) >= 2 and resumed_steps == sorted(resumed_steps), "each resume starts where the last left off"
-    final = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    train.main(args)  # the run that finishes: the same command (in this process)
+    assert f"resumed from {out}/checkpoints/step_" in capsys.readouterr().out
     steps = [s for s, _ in train_losses(out)]
     assert steps == list(range(1, 21)), "metrics.jsonl reads as one uninterrupted run"
     reference = dict(train_losses(str(tmp_path / "uninterrupted")))
