@@ -303,7 +303,7 @@ class Collator:
         labels = [it.sample.label if it.valid else None for it in items]
         # Every tensor the family's processor returns goes to its forward: input_ids, attention_mask,
         # pixel_values_videos, video_grid_thw, mm_token_type_ids (M-RoPE), and Qwen2.5-VL's
-        # second_per_grid_ts; Qwen3-VL puts the frame times into the text instead.
+        # second_per_grid_ts; Qwen3-VL and Qwen3.5 put the frame times into the text instead.
         inputs = {key: value for key, value in batch.items() if torch.is_tensor(value)}
         inputs["act_index"] = is_act.int().argmax(1)
         if self.answer_tokens:
@@ -343,8 +343,9 @@ def sample_lengths(dataset, text_per_group=0):
 
 def video_text_per_group(processor, act_token_id):
     """Text tokens the processor writes per temporal patch of a video besides its <|video_pad|>
-    tokens (0 for Qwen2.5-VL; Qwen3-VL writes "<t seconds>" and vision start/end each time). Measured
-    on the processor itself: a blank clip of two temporal patches minus one of one patch."""
+    tokens (0 for Qwen2-VL and Qwen2.5-VL; Qwen3-VL and Qwen3.5 write "<t seconds>" and vision
+    start/end each time). Measured on the processor itself: a blank clip of two temporal patches
+    minus one of one patch."""
     geometry = vision_geometry(processor)
     side, step = geometry["resize_factor"], geometry["temporal_patch_size"]
     lengths = []

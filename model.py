@@ -22,6 +22,7 @@ Design choices, each for a reason:
   change its hidden state. With the token loss on, they are cut after the answer's last token.
 """
 
+import functools
 import os
 
 import torch
@@ -44,7 +45,23 @@ PROJECTOR_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_lis
 
 
 def load_processor(path, trust_remote_code=False):
-    """The model's processor with `<ACT>` registered as a special token; returns (processor, act_id)."""
+    """The model's processor with `<ACT>` registered as a special token; returns (processor, act_id).
+    Loaded once per process for the same folder contents (building a tokenizer takes 1-4 s: Qwen3.5's
+    248k-entry one is rebuilt from its vocabulary on every load), so the object is shared: use it,
+    do not change it."""
+    return processor_of(path, trust_remote_code, folder_fingerprint(path))
+
+
+def folder_fingerprint(path):
+    """(name, size, mtime) of a local folder's files, so a folder written anew is loaded anew; None
+    for a hub name."""
+    if not os.path.isdir(path):
+        return None
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
+
+
+@functools.lru_cache(maxsize=8)
+def processor_of(path, trust_remote_code, fingerprint):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
