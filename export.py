@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from checkpoint import EXPORT_FILE, CheckpointError, folder_kind, write_atomically
+from checkpoint import EXPORT_FILE, CheckpointError, folder_kind, read_json, write_atomically
 from config import ConfigError
 from data import USER_ERRORS
 from inference import DTYPES, VideoClassifier
@@ -101,9 +101,8 @@ def checkpoint_metrics(checkpoint):
 
 def read_if_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_json(path)
+    except CheckpointError:
         return None
 
 

@@ -113,6 +113,7 @@ class VideoClassifier:
         """Video files, folders of videos (sorted by name) or .jsonl/.json record files (their own
         prompts; labels optional) -> data.Sample list."""
         space = self.label_space(label_space)
+        check_inputs_exist(inputs)
         samples = []
         for path in inputs:
             if path.endswith((".jsonl", ".json")):
@@ -124,10 +125,8 @@ class VideoClassifier:
             elif os.path.isdir(path):
                 samples += [Sample(os.path.join(path, name), self.prompt, None, space, name)
                             for name in sorted(os.listdir(path)) if name.lower().endswith(VIDEO_EXTENSIONS)]
-            elif os.path.isfile(path):
-                samples.append(Sample(os.path.abspath(path), self.prompt, None, space, path))
             else:
-                raise DataError(f"{path}: no such file or folder")
+                samples.append(Sample(os.path.abspath(path), self.prompt, None, space, path))
         if not samples:
             raise DataError(f"no videos found in {inputs}")
         return samples
@@ -165,3 +164,11 @@ class VideoClassifier:
             results.append({"video": sample.video, "error": error} if top is None else
                            {"video": sample.video, "top": [(names[c], p) for c, p in top]})
         return results
+
+
+def check_inputs_exist(paths):
+    """Each video or folder of videos exists (a record file's own check, load_samples, names what is
+    wrong with it); predict.py calls this before the model loads, so a mistyped path is said at once."""
+    for path in paths:
+        if not path.endswith((".jsonl", ".json")) and not os.path.exists(path):
+            raise DataError(f"{path}: no such file or folder")

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import write_text
-from data import USER_ERRORS, DataError
-from inference import VideoClassifier
+from data import USER_ERRORS
+from inference import VideoClassifier, check_inputs_exist
 
 
 def main(argv=None):
@@ -51,9 +51,7 @@ def main(argv=None):
 
 
 def classify(args):
-    for path in args.inputs:  # a mistyped path is said at once, before the model loads
-        if not os.path.exists(path):
-            raise DataError(f"{path}: no such file or folder")
+    check_inputs_exist(args.inputs)  # before the model loads
     clf = VideoClassifier.from_pretrained(args.checkpoint, args.device)
     space = clf.label_space(args.label_space)
     names = clf.classes[space]
