@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batch_plan import EpochBatches
 from checkpoint import CheckpointError
 from config import ConfigError
 from llamafactory import renamed_record
@@ -358,80 +359,6 @@ def video_text_per_group(processor, act_token_id):
     return lengths[1] - lengths[0] - 1  # one patch of side x side is one <|video_pad|> token
 
 
-def group_by_length(order, lengths, per_step, chunk_steps=50):
-    """Reorders `order` so each run of per_step samples has similar lengths: chunks of chunk_steps
-    optimizer steps (in the random order) are sorted by length, longest first. The randomness that
-    is left: which samples share a chunk, and the order of the steps (shuffled afterwards)."""
-    chunk = per_step * chunk_steps
-    return np.concatenate([part[np.argsort(-lengths[part], kind="stable")]
-                           for part in np.split(order, range(chunk, len(order), chunk))])
-
-
-@dataclass(frozen=True)
-class StepLayout:
-    """How one optimizer step's samples are split: `accumulation` micro-batches of `batch_size` on
-    each of `world` ranks; this process is `rank`."""
-    batch_size: int
-    accumulation: int
-    world: int
-    rank: int
-
-    @property
-    def per_step(self):
-        return self.batch_size * self.accumulation * self.world
-
-
-def steps_per_epoch(dataset_sizes, weights, per_step):
-    """Optimizer steps in one epoch: each dataset gives round(weight * size) samples, cut into whole
-    steps (the remainder is dropped; see train_batches)."""
-    return sum(round(w * size) // per_step for size, w in zip(dataset_sizes, weights))
-
-
-def train_batches(dataset_sizes, weights, layout, epoch, seed, lengths=None):
-    """This rank's micro-batches for one epoch, in order, as lists of (global_index, epoch, True) keys.
-
-    The datasets are concatenated; each contributes round(weight * size) samples per epoch (drawn
-    without replacement while it can, then again), shuffled with (seed, epoch). They are cut into
-    optimizer-step groups of layout.per_step samples from one dataset (so one label space), and the
-    groups are shuffled. Micro-batch m of rank r is the group's slice (m * world + r). So any
-    batch_size x accumulation x world with the same product trains on exactly the same samples at
-    every step: that is what makes gradient accumulation (and changing the GPU count) exact.
-    Incomplete groups are dropped, so ranks step in lockstep.
-    `lengths` (per global index, e.g. sample_lengths): group similar lengths into the same optimizer
-    step, and so into the same micro-batches, to cut padding (group_by_length); the samples and the
-    dropped remainder are the same as without it.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    offsets = np.cumsum([0] + list(dataset_sizes))
-    per_step = layout.per_step
-    groups = []
-    for d, (size, weight) in enumerate(zip(dataset_sizes, weights)):
-        count = round(weight * size)
-        order = np.concatenate([rng.permutation(size) for _ in range(math.ceil(count / size))])[:count]
-        order = order + offsets[d]
-        if lengths is not None:  # drop the same remainder as without grouping, then sort within chunks
-            order = group_by_length(order[:count - count % per_step], np.asarray(lengths), per_step)
-        groups += [order[i:i + per_step] for i in range(0, count - per_step + 1, per_step)]
-    batches = []
-    for g in rng.permutation(len(groups)):
-        for micro in range(layout.accumulation):
-            start = (micro * layout.world + layout.rank) * layout.batch_size
-            batches.append([(int(j), epoch, True) for j in groups[g][start:start + layout.batch_size]])
-    return batches
-
-
-def eval_batches(counts, batch_size, world_size, rank, view=SINGLE_VIEW):
-    """Each sample of the concatenated datasets (sizes `counts`) exactly once across ranks (no
-    padding duplicates, unlike DistributedSampler); a batch never spans two datasets, so it holds
-    one label space."""
-    batches, offset = [], 0
-    for count in counts:
-        mine = list(range(offset + rank, offset + count, world_size))
-        batches += [[(j, 0, False, view) for j in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
-        offset += count
-    return batches
-
-
 # ---------------------------------------------------------------------------------------------------
 # Datasets as configured (train_datasets / eval_datasets) and the loaders over them
 
@@ -571,27 +498,6 @@ def make_loader(dataset, batches, collate, num_workers, seed):
                                        worker_init_fn=init_worker if num_workers else None,
                                        generator=torch.Generator().manual_seed(seed),
                                        prefetch_factor=4 if num_workers else None)
-
-
-class EpochBatches:
-    """This rank's micro-batches, epoch after epoch without end, from (epoch, position) on. One
-    DataLoader iterates it for the whole run."""
-
-    def __init__(self, mix, layout, seed, start, lengths=None):
-        self.mix, self.layout, self.seed, self.start, self.lengths = mix, layout, seed, start, lengths
-        self.per_epoch = steps_per_epoch(mix.counts, mix.weights, layout.per_step) * layout.accumulation
-        if self.per_epoch == 0:
-            raise DataError("the training set is smaller than one optimizer step (per_device_train_batch_size x "
-                            "gradient_accumulation_steps x world size): lower the batch size")
-
-    def batches(self, epoch):
-        return train_batches(self.mix.counts, self.mix.weights, self.layout, epoch, self.seed, self.lengths)
-
-    def __iter__(self):
-        epoch, position = self.start
-        while True:
-            yield from self.batches(epoch)[position:]
-            epoch, position = epoch + 1, 0
 
 
 def batch_stream(mix, collate, cfg, layout, start):

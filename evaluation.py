@@ -20,7 +20,8 @@ import torch
 
 from checkpoint import write_atomically, write_text
 from config import head_sizes
-from data import eval_batches, make_loader
+from batch_plan import eval_batches
+from data import make_loader
 from distributed import all_gather, all_reduce_sums
 
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 import checkpoint
 import distributed
 from config import Config, ConfigError, best_metric, head_sizes, video_settings, write_config
-from data import USER_ERRORS, DatasetMix, Collator, StepLayout, batch_stream, hold_out, load_datasets, steps_per_epoch
+from batch_plan import StepLayout, steps_per_epoch
+from data import USER_ERRORS, Collator, DatasetMix, batch_stream, hold_out, load_datasets
 from distributed import all_gather, all_reduce_sums, print0
 from evaluation import (autocast, class_names, confusion_image, eval_loader, evaluate, prediction_rows,
                         write_eval_outputs)

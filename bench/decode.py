@@ -49,7 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import video  # noqa: E402
 from config import video_settings  # noqa: E402
-from data import StepLayout  # noqa: E402
+import batch_plan  # noqa: E402
+from batch_plan import StepLayout  # noqa: E402
 from llamafactory import parse_config  # noqa: E402
 from model import ACT_TOKEN, vision_geometry  # noqa: E402
 from prepare.records import DEFAULT_MESSAGES as MESSAGES  # noqa: E402
@@ -206,7 +207,7 @@ def time_loader(args):
                                      video_settings(cfg, vision_geometry(processor)),
                                      cfg.max_bad_video_fraction, cfg.seed)
             dataset = mix.dataset
-            batches = data.train_batches(mix.counts, mix.weights, StepLayout(cfg.per_device_train_batch_size, 1, 1, 0), 0,
+            batches = batch_plan.train_batches(mix.counts, mix.weights, StepLayout(cfg.per_device_train_batch_size, 1, 1, 0), 0,
                                          cfg.seed)
             batches = batches[:args.batches + 1]
             if cache_dir is not None:  # fill it, untimed: the second epoch onwards

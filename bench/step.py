@@ -465,7 +465,8 @@ def padding_main(args):
     without group_by_length. A sample's length is exact without decoding: its video tokens
     (data.sample_lengths, from a probe) + its text tokens (the cut prompt, tokenized, minus the one
     <|video_pad|> placeholder the processor expands)."""
-    from data import StepLayout, VideoDataset, load_samples, prompt_text, sample_lengths, train_batches
+    from batch_plan import StepLayout, train_batches
+    from data import VideoDataset, load_samples, prompt_text, sample_lengths
     from video import VideoSettings
     from model import ACT_TOKEN
     from prepare.tiny_model import build_processor

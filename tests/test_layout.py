@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # scripts' inputs: only inference.py (the default prompt, from prepare.records) and the top layer use it.
 LAYERS = {"video": 0, "decoder": 0,  # no project imports: they can be copied anywhere as they are
           "config": 1,  # the schema
+          "batch_plan": 1,  # which samples go into which micro-batch, on which rank
           "distributed": 2,  # process group, rank-0 printing, collectives, FSDP2
           "checkpoint": 3,  # the checkpoint on disk, atomic writes
           "llamafactory": 4,  # LLaMA-Factory / IVCP translation

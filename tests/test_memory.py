@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from data import Collator, StepLayout, VideoDataset, batch_stream, load_samples, sample_lengths, train_batches
+from batch_plan import StepLayout, train_batches
+from data import Collator, VideoDataset, batch_stream, load_samples, sample_lengths
 from model import build_classifier, build_optimizer
 from prepare.synthetic import main as make_synthetic
 from config import Config

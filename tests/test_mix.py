@@ -22,7 +22,8 @@ import llamafactory
 import data
 import predict
 import train
-from data import StepLayout, load_datasets, load_samples, train_batches
+from batch_plan import StepLayout, train_batches
+from data import load_datasets, load_samples
 from video import VideoSettings
 from decoder import ActionDecoder
 
@@ -148,7 +149,7 @@ def test_eval_batches_never_mix_label_spaces(base_args, synthetic_dir, axis_dir,
 
 
 # ---------------------------------------------------------------------------------------------------
-# the training plan: data.train_batches
+# the training plan: batch_plan.train_batches
 
 SIZES, WEIGHTS = [24, 37, 10], [1.0, 0.5, 2.3]  # a weight above 1 draws some samples twice
 SETTINGS = [(1, 1, 1), (4, 1, 1), (2, 2, 1), (1, 2, 2), (2, 1, 2), (3, 1, 2), (2, 2, 3), (1, 4, 1), (1, 1, 4)]
