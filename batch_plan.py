@@ -4,6 +4,7 @@ arithmetic (no videos, no model), so it can be read and tested on its own.
     layout = StepLayout(batch_size=4, accumulation=2, world=8, rank=0)   # 64 samples an optimizer step
     train_batches(counts, weights, layout, epoch, seed)   # this rank's micro-batches for one epoch
     eval_batches(counts, batch_size, world, rank)         # every sample once across ranks
+    eval_plan(counts, batch_size, world, rank, views, pad)  # ... for every view; FSDP2: padded to equal counts
 
 Keys are (sample index, epoch, train, view), what data.VideoDataset takes. Any batch_size x
 accumulation x world with the same product trains on the same samples at every step: that is what
@@ -90,6 +91,34 @@ def eval_batches(counts, batch_size, world_size, rank, view=SINGLE_VIEW):
         batches += [[(j, 0, False, view) for j in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
         offset += count
     return batches
+
+
+def resumed_position(position, saved, layout):
+    """A checkpoint's data position (this rank's micro-batches into the epoch, counted in the
+    checkpoint's layout `saved`: {"per_step", "accumulation"}) in `layout`'s micro-batches. The same
+    samples a step: the same step of the epoch, exactly, however they are split over ranks and
+    micro-batches. Other step sizes cut the epoch into other steps: the first step that starts after
+    the samples already consumed (the run is then no longer the checkpoint's run)."""
+    steps = position // saved["accumulation"]
+    if saved["per_step"] != layout.per_step:
+        steps = math.ceil(steps * saved["per_step"] / layout.per_step)
+    return steps * layout.accumulation
+
+
+PADDING = -1  # the sample index of a padding key: its batch runs through the model and counts nowhere
+
+
+def eval_plan(counts, batch_size, world_size, rank, views, pad=False):
+    """This rank's evaluation batches: eval_batches for each view in turn. `pad` (FSDP2, where every
+    forward is a collective): then padding batches of one PADDING key until this rank has as many
+    batches as the rank with the most, so all ranks run the same number of forwards."""
+    def plan(r):
+        return [b for view in views for b in eval_batches(counts, batch_size, world_size, r, view)]
+    mine = plan(rank)
+    if pad:
+        most = max(len(plan(r)) for r in range(world_size))
+        mine += [[(PADDING, 0, False, SINGLE_VIEW)] for _ in range(most - len(mine))]
+    return mine
 
 
 class EpochBatches:

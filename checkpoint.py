@@ -17,6 +17,7 @@ a user goes through `write_atomically` (temp name, fsync, rename): a kill at any
 previous version whole.
 """
 
+import errno
 import glob
 import hashlib
 import json
@@ -359,19 +360,60 @@ def save(run, best=False):
         remove(tmp)
         os.makedirs(tmp)
     dist.barrier()
+    failed = False
     if not run.cfg.save_only_model:  # save_only_model: weights only (no optimizer, no RNG), no resume
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if run.device.type == "cuda" else {})}
-        torch.save(rng, os.path.join(tmp, f"rng_rank{run.rank}.pt"))  # dropout masks resume too
+        rng_file = os.path.join(tmp, f"rng_rank{run.rank}.pt")  # dropout masks resume too
+        failed = not written(lambda: torch.save(rng, rng_file), rng_file, final, run.cfg.output_dir)
     # Whole tensors, in the files a plain model loads. Under FSDP2 gathering them is a collective:
     # every rank takes part, rank 0 alone keeps and writes them.
     reshard_fsdp(run.model)
     weights = full_trainable_state(run.model, keep=run.rank == 0)
     optim = None if run.cfg.save_only_model else optimizer_state(run.model, run.optimizer, keep=run.rank == 0)
-    dist.barrier()
-    failed = run.rank == 0 and not publish_checkpoint(run, tmp, final, (weights, optim), best)
+    if all_reduce_sums([failed], run.device)[0]:  # a rank could not write its RNG state
+        failed = True
+    elif run.rank == 0:
+        failed = not publish_checkpoint(run, tmp, final, (weights, optim), best)
     if all_reduce_sums([failed], run.device)[0]:
-        raise SystemExit(1)
+        if run.rank == 0:
+            remove(tmp)
+        raise SystemExit(1)  # the message is printed; no traceback
     return final
+
+
+def disk_full(error, path):
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, or (torch.save reports a short
+    write as a RuntimeError without errno) no space left where it wrote."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20
+    except OSError:
+        return False
+
+
+def failed_write(error, path):
+    """'writing PATH failed: the disk is full' (or the error itself when it is something else)."""
+    why = "the disk is full" if disk_full(error, path) else f"{type(error).__name__}: {error}"
+    return f"writing {path} failed: {why}"
+
+
+def last_checkpoint(output_dir):
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else "none yet"
+
+
+def written(write, path, final, output_dir):
+    """Runs write() for a checkpoint file at `path`; on a failure (disk full, quota, permissions)
+    prints what failed and the checkpoint that is still whole, and returns False."""
+    try:
+        write()
+        return True
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: RuntimeError; safetensors: its own
+        print(f"saving checkpoint {final} failed: {failed_write(e, path)}. The last complete checkpoint, "
+              f"{last_checkpoint(output_dir)}, is intact: free space, then continue with --resume auto.",
+              file=sys.stderr, flush=True)
+        return False
 
 
 def write_checkpoint_files(directory, model, gathered, state, cfg, classes):
@@ -391,16 +433,10 @@ def write_checkpoint_files(directory, model, gathered, state, cfg, classes):
 def publish_checkpoint(run, tmp, final, gathered, best):
     """Rank 0: write the files into `tmp`, rename it to `final`, move `best`, prune old ones.
     Returns False (and says why) when the disk refused, leaving the previous checkpoints as they were."""
-    previous = checkpoint_dirs(run.cfg.output_dir)
-    try:
-        state = {**run.state, "weights_only": True} if run.cfg.save_only_model else run.state
-        write_checkpoint_files(tmp, run.model, gathered, state, run.cfg, run.classes)
-        publish(tmp, final)
-    except OSError as e:  # disk full, quota, permissions: keep what we had, say so
-        remove(tmp)
-        kept = previous[-1] if previous else "none"
-        print(f"saving checkpoint {final} failed: {e}. The previous checkpoint ({kept}) is intact; "
-              f"free space and resume with --resume auto.", file=sys.stderr, flush=True)
+    state = {**run.state, "weights_only": True} if run.cfg.save_only_model else run.state
+    if not written(lambda: (write_checkpoint_files(tmp, run.model, gathered, state, run.cfg, run.classes),
+                            publish(tmp, final)), tmp, final, run.cfg.output_dir):
+        remove(tmp)  # keep what we had
         return False
     root = os.path.dirname(final)
     if best:  # a symlink replaced atomically; rotation never removes its target

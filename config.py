@@ -96,6 +96,7 @@ class Config:
     save_steps: int = 0  # 0: save at the end only
     save_total_limit: int = 2  # step_* folders kept (0: all); checkpoints/best is always kept
     resume: str | None = None  # "auto" (newest complete checkpoint in output_dir) or a checkpoint dir
+    overwrite_output_dir: bool = False  # a fresh run in a folder another run trained in: delete that run first
     save_only_model: bool = False  # checkpoints without optimizer/RNG state: smaller, but a resume refuses them
     metric_for_best_model: str = "top1"  # picks checkpoints/best: top1 | top5 | mean_class_acc | loss (eval_ ok)
     report_to: str | list = "tensorboard"  # none | tensorboard | wandb, or a list of them
@@ -320,6 +321,12 @@ def saved_config(path):
     if problems:
         raise ConfigError(f"{path} does not fit this version's config:\n  " + "\n  ".join(problems))
     return Config(**raw)
+
+
+def changed_keys(old, new, ignore=("resume", "overwrite_output_dir", "output_dir")):
+    """[(key, old value, new value)] for every key whose value differs, in the schema's order."""
+    return [(f.name, getattr(old, f.name), getattr(new, f.name)) for f in dataclasses.fields(Config)
+            if f.name not in ignore and getattr(old, f.name) != getattr(new, f.name)]
 
 
 def head_sizes(cfg):

@@ -83,6 +83,13 @@ def all_gather(obj):
     return gathered
 
 
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (picklable). A collective."""
+    sent = [obj]
+    dist.broadcast_object_list(sent, src=0)
+    return sent[0]
+
+
 def check_shared_output_dir(output_dir, rank, world, wait_s=5.0):
     """Multi-node runs need output_dir on storage every node sees: rank 0 creates each checkpoint's
     folder and every rank writes its RNG state into it; a resume reads it on every rank. Checked
@@ -146,12 +153,3 @@ def reshard_fsdp(model):
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def check_even_eval_batches(num_batches, world):
-    """FSDP2: every forward all-gathers, so a rank with an extra eval batch would wait forever."""
-    counts = all_gather(num_batches)
-    if len(set(counts)) > 1:
-        raise ConfigError(f"fsdp: the ranks would run {counts} eval batches; each FSDP forward is a "
-                          f"collective, so they must be equal: use an eval set whose size is a multiple "
-                          f"of {world} x per_device_eval_batch_size")

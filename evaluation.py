@@ -20,7 +20,7 @@ import torch
 
 from checkpoint import write_atomically, write_text
 from config import head_sizes
-from batch_plan import eval_batches
+from batch_plan import PADDING, eval_plan
 from data import make_loader
 from distributed import all_gather, all_reduce_sums
 
@@ -42,9 +42,10 @@ def class_names(classes, space, num_classes):
 
 def eval_loader(mix, collate, cfg, world, rank):
     """Every view of every sample, this rank's share. Built once: its workers persist from one
-    evaluation to the next."""
-    plan = [b for view in eval_views(cfg)
-            for b in eval_batches(mix.counts, cfg.per_device_eval_batch_size, world, rank, view)]
+    evaluation to the next. A training run under FSDP2 pads the ranks to the same batch count
+    (--eval_only never shards the model, so it needs no padding)."""
+    plan = eval_plan(mix.counts, cfg.per_device_eval_batch_size, world, rank, eval_views(cfg),
+                     pad=cfg.fsdp and not cfg.eval_only)
     return make_loader(mix.dataset, plan, collate, cfg.dataloader_num_workers, cfg.seed)
 
 
@@ -67,6 +68,8 @@ def averaged_views(model, loader, num_views, context, device, skipped):
         probs = batch_probabilities(model, batch, num_views, context, device)
         skipped.extend(batch.skipped)
         for row, (index, valid) in enumerate(zip(batch.index.tolist(), batch.valid.tolist())):
+            if index == PADDING:  # FSDP2's padding batch: run for the collectives only
+                continue
             totals[index] = totals[index] + probs[row] if index in totals else probs[row]
             seen[index] = seen.get(index, 0) + 1
             if not valid:  # another video stood in for it: its probabilities are not this video's

@@ -32,8 +32,6 @@ IGNORED = {
     "overwrite_cache": "nothing is pre-tokenised to a cache",
     "tokenized_path": "nothing is pre-tokenised to disk",
     "plot_loss": "the loss curve is in output_dir/metrics.jsonl and TensorBoard",
-    "overwrite_output_dir": "a run writes into output_dir and deletes nothing there; to continue from its newest "
-                            "checkpoint pass --resume auto (LLaMA-Factory does that by itself when this is false)",
     "enable_liger_kernel": "Liger's fused kernels speed up lm_head + loss, and lm_head never runs here",
     "image_max_pixels": "records hold videos, not images (video_max_pixels applies)",
     "image_min_pixels": "records hold videos, not images (video_min_pixels applies)",
@@ -411,7 +409,37 @@ def translate_lf_keys(raw):
         if key in raw and translate not in done:
             done.add(translate)
             translate(raw, notes, problems)
+    if raw.get("eval_only") is True and isinstance(raw.get("checkpoint"), str):
+        base_model_key(raw, notes, problems)
     return raw, notes, problems
+
+
+def looks_like_a_path(name):
+    """A folder path rather than a Hugging Face hub name ("Qwen/Qwen2.5-VL-3B-Instruct")."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1
+
+
+def base_model_key(raw, notes, problems):
+    """Evaluating an actcls checkpoint: model_name_or_path defaults to the base model the checkpoint
+    was trained on (its config.yaml says which), and replaces a path that does not exist on this
+    machine (an eval YAML written on another). A hub name, or a folder that is here, is kept:
+    checkpoint.check_base_model then compares its architecture with the checkpoint's."""
+    directory, given = raw["checkpoint"], raw.get("model_name_or_path")
+    if given is not None and (not isinstance(given, str) or os.path.isdir(given) or not looks_like_a_path(given)):
+        return
+    if folder_kind(directory) != "checkpoint":
+        return  # the checkpoint's own check says what the folder is
+    saved = read_yaml(os.path.join(directory, "config.yaml")).get("model_name_or_path")
+    if os.path.isdir(saved) or not looks_like_a_path(saved):
+        raw["model_name_or_path"] = saved
+        was = "not set" if given is None else f"{given} does not exist here"
+        notes.append(("translated", "model_name_or_path", f"{was}; {saved}: the base model {directory} was "
+                      f"trained on"))
+        return
+    missing = "" if given is None else f"{given} does not exist here, nor does "
+    problems.append(f"model_name_or_path: {missing}the base model {directory} was trained on, {saved}: pass "
+                    f"--model_name_or_path with the folder that holds {os.path.basename(saved.rstrip('/'))} on "
+                    f"this machine")
 
 
 def format_notes(notes):

@@ -2,7 +2,9 @@
 for: TensorBoard events in output_dir and/or a wandb run (wandb is optional: imported only when asked).
 
     log = MetricsLog(cfg, enabled=rank == 0, after_step=resumed_step)
-    log.log(step, "train", loss=0.41, lr=1e-4); log.image(step, "val/x/confusion", make_png); log.close()
+    log.log(step, "train", loss=0.41, lr=1e-4)          # metrics.jsonl + tags train/loss, train/lr
+    log.log(step, "val", dataset="ucf101", top1=0.8)    # ... + tag val/ucf101/top1
+    log.image(step, "val/ucf101/confusion", make_png); log.close()
 """
 
 import dataclasses
@@ -39,9 +41,12 @@ class MetricsLog:
     def log(self, step, split, **values):
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        self.file.flush()
-        scalars = {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+        try:
+            self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            self.file.flush()
+        except OSError as e:  # name the file: a failed write() names none
+            raise OSError(e.errno, e.strerror, self.file.name) from None
+        scalars = scalar_tags(split, values)
         for tag, v in scalars.items():
             if self.tb is not None:
                 self.tb.add_scalar(tag, v, step)
@@ -66,6 +71,13 @@ class MetricsLog:
                 self.tb.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def scalar_tags(split, values):
+    """{TensorBoard / wandb tag: value} for a metrics.jsonl line's numbers: `val/<dataset>/top1` for
+    an eval dataset's line (each eval dataset its own curve), `train/loss` otherwise."""
+    prefix = f"{split}/{values['dataset']}" if "dataset" in values else split
+    return {f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def wandb_mode():

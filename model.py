@@ -24,6 +24,7 @@ Design choices, each for a reason:
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -123,7 +124,9 @@ def apply_finetuning(vlm, cfg):
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, target_modules=lora_target_names(vlm, cfg),
                           modules_to_save=additional_targets(cfg) or None)
-        vlm = get_peft_model(vlm, lora)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            vlm = get_peft_model(vlm, lora)
     else:
         trainable = []
         if cfg.finetuning_type == "full":

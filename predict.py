@@ -44,7 +44,10 @@ def main(argv=None):
     except USER_ERRORS as e:
         raise SystemExit(str(e)) from None
     except OSError as e:  # --out cannot be written, or a file the checkpoint needs (its base model) is missing
-        raise SystemExit(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
+        message = f"{e.filename}: {e.strerror or e}" if e.filename else str(e)
+        if args.out is not None and e.filename == args.out:  # its finished lines are whole: a rerun skips them
+            message += f"; the videos done are in {args.out}: the same command continues once it can be written"
+        raise SystemExit(message) from None
     except KeyboardInterrupt:
         kept = f"; the videos done are in {args.out}: the same command continues" if args.out else ""
         raise SystemExit(f"interrupted{kept}") from None
@@ -104,12 +107,17 @@ def classify_to_file(clf, samples, names, args):
     print(f"{len(todo)} videos to classify ({len(done)} already in {args.out})", file=sys.stderr)
     bar = tqdm(total=len(todo), unit="video", desc="predict", dynamic_ncols=True)
     t0, errors = time.time(), 0
-    with open(args.out, "a", encoding="utf-8") as out:
-        for sample, top, error in clf.stream(todo, args.top_k, args.batch_size, args.num_workers):
-            out.write(json.dumps(result_row(sample, top, names, error)) + "\n")
-            out.flush()  # a crash keeps every finished line
-            errors += top is None
-            bar.update(1)
+    try:
+        with open(args.out, "a", encoding="utf-8") as out:
+            for sample, top, error in clf.stream(todo, args.top_k, args.batch_size, args.num_workers):
+                out.write(json.dumps(result_row(sample, top, names, error)) + "\n")
+                out.flush()  # a crash keeps every finished line
+                errors += top is None
+                bar.update(1)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, args.out) from None  # a failed write() names no file: it was --out
     bar.close()
     elapsed = time.time() - t0
     print(f"classified {len(todo)} videos in {elapsed:.1f}s ({len(todo) / max(elapsed, 1e-9):.2f} videos/s), "

@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 import checkpoint
 import distributed
-from config import Config, ConfigError, best_metric, head_sizes, video_settings, write_config
-from batch_plan import StepLayout, steps_per_epoch
+import run_folder
+from config import (Config, ConfigError, best_metric, changed_keys, head_sizes, saved_config, video_settings,
+                    write_config)
+from batch_plan import StepLayout, resumed_position, steps_per_epoch
 from data import USER_ERRORS, Collator, DatasetMix, batch_stream, hold_out, load_datasets
 from distributed import all_gather, all_reduce_sums, print0
 from evaluation import (autocast, class_names, confusion_image, eval_loader, evaluate, prediction_rows,
@@ -45,16 +47,25 @@ def main(argv=None):
     rank, world, device = distributed.setup(cfg.ddp_timeout)
     for line in notes:
         print0(line)
+    owner = None
     try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        owner = run_folder.claim(cfg, rank)  # held until this process ends
         if rank == 0:  # an evaluation must not overwrite its training run's config
             name = "eval_config.yaml" if cfg.eval_only else "config.yaml"
             checkpoint.write_atomically(os.path.join(cfg.output_dir, name), lambda tmp: write_config(cfg, tmp))
         (run_eval_only if cfg.eval_only else train)(cfg, rank, world, device)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, run_folder.FolderTaken) as e:
         raise SystemExit(str(e)) from None
+    except OSError as e:
+        if not checkpoint.disk_full(e, e.filename or cfg.output_dir):
+            raise
+        raise SystemExit(f"{checkpoint.failed_write(e, e.filename or cfg.output_dir)}. The last complete checkpoint, "
+                         f"{checkpoint.last_checkpoint(cfg.output_dir)}, is intact: free space, then continue "
+                         f"with --resume auto.") from None
     finally:
         distributed.teardown()
+        if owner is not None:
+            owner.close()
 
 
 def to_device(inputs, device):
@@ -123,8 +134,6 @@ def train(cfg, rank, world, device):
         state.update(checkpoint.load_checkpoint(start, model, cfg))
         checkpoint.refuse_weights_only(start, state)
         compare_best_by(cfg, state)
-    if cfg.fsdp and evals is not None:
-        distributed.check_even_eval_batches(len(evals), world)
     wrapped = (distributed.shard_fsdp(model, device, world) if cfg.fsdp
                else DDP(model, find_unused_parameters=len(model.heads) > 1))
     optimizer = build_optimizer(model, cfg)  # after sharding: it must hold the DTensor parameters
@@ -134,6 +143,9 @@ def train(cfg, rank, world, device):
     if start is not None:
         checkpoint.load_training_state(start, model, optimizer, scheduler, state["step"], rank)
         print0(f"resumed from {start} at step {state['step']}")
+        for line in explain_resume(cfg, start, state, layout, layout_record(train_mix, layout, steps)):
+            print0(line)
+    state["layout"] = layout_record(train_mix, layout, steps)
     # training batches carry the answer's tokens only when the token loss needs them; evaluation never does
     train_collate = Collator(processor, model.act_token_id, answer_tokens=cfg.action_cls_token_loss_weight > 0)
     batches = batch_stream(train_mix, train_collate, cfg, layout, (state["epoch"], state["position"]))
@@ -180,6 +192,51 @@ def train_loop(run):
             break
     bar.close()
     print0(f"done: {state['step']} steps in {time.time() - t0:.0f}s; checkpoints in {cfg.output_dir}/checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming with a changed config: what changes, and where in the data the run picks up
+
+# Keys that change which samples train, or their order.
+DATA_ORDER_KEYS = ("train_datasets", "seed", "max_samples", "val_size", "group_by_length")
+
+
+def layout_record(mix, layout, steps):
+    """How this run cuts its data into steps; a checkpoint keeps it (state["layout"]) for a resume."""
+    return {"per_step": layout.per_step, "accumulation": layout.accumulation, "world": layout.world,
+            "train_counts": list(mix.counts), "steps": steps}
+
+
+def explain_resume(cfg, start, state, layout, now):
+    """The start-up lines of a resume: every key that differs from the checkpoint's config, old and
+    new, then what the changes do to the exact continuation. Moves state["position"] into this
+    run's micro-batches (`layout`: this run's StepLayout, `now`: its layout_record)."""
+    changes = changed_keys(saved_config(os.path.join(start, checkpoint.CONFIG_FILE)), cfg)
+    lines = [f"resume: {key} changed: {old!r} -> {new!r}" for key, old, new in changes]
+    saved = state.pop("layout", None)
+    if saved is None:  # a checkpoint of an older actcls: its data position is taken as it is
+        return lines
+    state["position"] = resumed_position(state["position"], saved, layout)
+    where = f"step {state['position'] // layout.accumulation} of epoch {state['epoch']}"
+    if saved["per_step"] != now["per_step"]:
+        lines.append(f"resume: {saved['per_step']} -> {now['per_step']} samples a step (per_device_train_batch_size "
+                     f"x gradient_accumulation_steps x ranks): the epoch is cut into other steps, so this is no "
+                     f"longer an exact continuation. It picks up at {where} of the new plan, the first step after "
+                     f"the samples already used; this epoch may repeat or leave out some samples.")
+    elif (saved["world"], saved["accumulation"]) != (now["world"], now["accumulation"]):
+        lines.append(f"resume: the same {now['per_step']} samples a step, now {now['world']} rank(s) x "
+                     f"{now['accumulation']} micro-batch(es) (was {saved['world']} x {saved['accumulation']}): "
+                     f"every step trains on the samples it would have, from {where}")
+    data = [key for key, _, _ in changes if key in DATA_ORDER_KEYS]
+    if saved["train_counts"] != now["train_counts"]:
+        data.append(f"the training records ({saved['train_counts']} -> {now['train_counts']} samples)")
+    if data:
+        lines.append(f"resume: {', '.join(data)} changed: the samples or their order are not the checkpoint's. "
+                     f"The run picks up at {where} of the new order, not where the checkpoint's order stopped.")
+    if saved["steps"] != now["steps"]:
+        lines.append(f"resume: the run now has {now['steps']} steps (was {saved['steps']}): the learning-rate "
+                     f"schedule spans {now['steps']} steps and goes on from step {state['step']}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ LAYERS = {"video": 0, "decoder": 0,  # no project imports: they can be copied an
           "batch_plan": 1,  # which samples go into which micro-batch, on which rank
           "distributed": 2,  # process group, rank-0 printing, collectives, FSDP2
           "checkpoint": 3,  # the checkpoint on disk, atomic writes
+          "run_folder": 3.5,  # output_dir belongs to one run: the lock, what an earlier run left
           "llamafactory": 4,  # LLaMA-Factory / IVCP translation
           "model": 5, "data": 6, "evaluation": 7, "metrics": 7, "prepare": 7.5, "inference": 8,
           "train": 9, "predict": 9, "export": 9}  # the scripts, never importing each other

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import config
 import llamafactory
@@ -93,14 +94,27 @@ def test_mixed_run_trains_both_heads_reports_each_dataset_and_predicts_by_head(
                  {"path": f"{axis_dir}/val.jsonl", "video_root": synthetic_dir, "label_space": "axis"}]
     # one epoch: default 24 samples / 4 = 6 steps, axis round(0.5 * 24) / 4 = 3 steps
     train.main(base_args + ["--label_spaces", "{axis: 3}", "--train_datasets", dataset_arg(train_sets),
-                            "--eval_datasets", dataset_arg(eval_sets), "--max_steps", "-1",
+                            "--eval_datasets", dataset_arg(eval_sets), "--max_steps", "-1", "--eval_steps", "4",
                             "--num_train_epochs", "1", "--learning_rate", "3e-3", "--warmup_steps", "0"])
     metrics = read_metrics(str(out))
     assert [m["step"] for m in metrics if m["split"] == "train"] == list(range(1, 10))
 
+    # checkpoints/best: the step with the best mean of top1 over the eval datasets (the first of equals)
+    evals = [m for m in metrics if m["split"] == "val"]
+    mean = {step: np.mean([m["top1"] for m in evals if m["step"] == step]) for step in (4, 8, 9)}
+    assert os.readlink(out / "checkpoints" / "best") == f"step_{max(mean, key=lambda s: (mean[s], -s)):07d}"
+
+    # each eval dataset its own TensorBoard curves, with metrics.jsonl's values
+    events = EventAccumulator(str(out)).Reload()
+    for m in evals:
+        for key in ("top1", "loss"):
+            (point,) = [e for e in events.Scalars(f"val/{m['dataset']}/{key}") if e.step == m["step"]]
+            assert point.value == pytest.approx(m[key])
+    assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("val/") and tag.count("/") == 1]
+
     # each eval dataset reported on its own line, with its label space and every sample counted once
-    val = [m for m in metrics if m["split"] == "val"]
-    assert len(val) == 2 and {m["step"] for m in val} == {9}
+    val = [m for m in evals if m["step"] == 9]
+    assert len(val) == 2
     by_space = {m["label_space"]: m for m in val}
     assert set(by_space) == {"default", "axis"}
     assert len({m["dataset"] for m in val}) == 2 and "axis" in by_space["axis"]["dataset"]
