@@ -337,12 +337,28 @@ def test_train_then_eval_with_ivcp_yamls(ivcp_layout, tiny_model_dir, tmp_path, 
     assert out.count("LLaMA-Factory/IVCP key translated: dataset: ucf101_train -> train_datasets") == 1
     val = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"val"' in line][-1]
 
+    # The eval YAML's model_name_or_path is its author's machine: no path for it here, the checkpoint's is taken.
     eval_yaml = os.path.join(IVCP_CONFIGS, "qwen2_5vl_ucf101_eval.yaml")
-    train.main(["--config", eval_yaml, *paths, "--adapter_name_or_path", str(tmp_path / "run" / "checkpoints" / "best"),
+    best = str(tmp_path / "run" / "checkpoints" / "best")
+    train.main(["--config", eval_yaml, *paths[2:], "--adapter_name_or_path", best,
                 "--output_dir", str(tmp_path / "eval"), "--dataloader_num_workers", "0", "--bf16", "false"])
-    assert "the checkpoint's model settings: lora_dropout: 0.0 -> 0.05, use_dora: false -> true" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the checkpoint's model settings: lora_dropout: 0.0 -> 0.05, use_dora: false -> true" in out
+    assert (f"model_name_or_path: {yaml.safe_load(open(eval_yaml))['model_name_or_path']} does not exist here; "
+            f"{tiny_model_dir}: the base model {best} was trained on") in out
     result = json.load(open(tmp_path / "eval" / "eval.json"))["datasets"]["ucf101_test"]
     assert result["count"] == 4 and result["loss"] == pytest.approx(val["loss"], abs=1e-4)
+
+    # A checkpoint whose base model is not on this machine either: one line saying what to pass.
+    moved = str(tmp_path / "moved")
+    shutil.copytree(best, moved)
+    saved = yaml.safe_load(open(os.path.join(moved, "config.yaml")))
+    yaml.safe_dump({**saved, "model_name_or_path": "/elsewhere/Qwen2.5-VL-3B-Instruct"}, open(os.path.join(moved, "config.yaml"), "w"))
+    with pytest.raises(config.ConfigError) as error:
+        llamafactory.parse_config(["--config", eval_yaml, *paths[2:], "--adapter_name_or_path", moved])
+    assert (f"model_name_or_path: /path/to/Qwen2.5-VL-3B-Instruct does not exist here, nor does the base model {moved} "
+            f"was trained on, /elsewhere/Qwen2.5-VL-3B-Instruct: pass --model_name_or_path with the folder that holds "
+            f"Qwen2.5-VL-3B-Instruct on this machine") in str(error.value)
 
 
 def test_ivcp_head_must_fit_the_model(tiny_model_dir, tmp_path):
