@@ -87,7 +87,7 @@ class Config:
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     bf16: bool = False  # frozen weights in bf16 and bf16 autocast; what trains stays fp32
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
-    fsdp: bool = False  # FSDP2 instead of DDP: parameters, gradients and Adam state sharded over the ranks (7B+)
+    fsdp: bool = False  # FSDP2 instead of DDP: parameters, gradients and Adam state sharded over the ranks
     seed: int = 42  # data order, frame offsets, held-out split, head initialisation
     # run directory
     output_dir: str = "runs/default"  # config.yaml, metrics.jsonl, TensorBoard events, checkpoints/

@@ -328,8 +328,9 @@ def smart_resize(height, width, factor, min_pixels, max_pixels):
 # offsets can land on any frame, so a cache of one sample's frames would either freeze the offsets or
 # miss every epoch; with all frames, cached and uncached items are identical and one file serves every
 # video_fps / video_maxlen / video_num_frames setting. The cost is disk: frames x height x width x 3
-# bytes (UCF101 at the 112x84 budget: 28 KB a frame, ~5 MB for a 7 s clip, ~50 GB for the 9.5k training
-# clips; SSv2 at 112x84 needs ~1 MB a clip). The first epoch pays for decoding every frame once.
+# bytes (a 320x240 UCF101 frame at configs/ucf101.yaml's 16,384 pixels is 140x84, 35 KB: 6.4 MB for a
+# 7.2 s, 25 fps clip, ~61 GB for split 1's 9,537 training clips; a 4 s, 12 fps SSv2 clip at 168x84 is
+# ~2 MB). The first epoch pays for decoding every frame once.
 # One file per (clip, pixel budget), named by a hash of the clip's absolute path, size and mtime and
 # the budget: editing a video or changing the budget makes a new file, old ones are never read again.
 # Writes go to a unique temp name, then os.replace: several workers and ranks may race on a clip, each
