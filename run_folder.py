@@ -43,9 +43,9 @@ def claim(cfg, rank):
     an earlier run left there; all ranks then stop with rank 0's message, or go on. Returns the
     open lock file on rank 0 (keep it open for the run's lifetime), None elsewhere."""
     lock, problem = None, None
+    os.makedirs(cfg.output_dir, exist_ok=True)  # every rank (distributed.check_shared_output_dir looks in it)
     if rank == 0:
         try:
-            os.makedirs(cfg.output_dir, exist_ok=True)
             lock = take_lock(cfg.output_dir)
             if not cfg.eval_only:
                 clear_or_refuse(cfg)
