@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import yaml
 
