@@ -410,7 +410,7 @@ def written(write, path, final, output_dir):
         write()
         return True
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: RuntimeError; safetensors: its own
-        print(f"saving checkpoint {final} failed: {failed_write(e, path)}. The last complete checkpoint, "
+        print(f"\nsaving checkpoint {final} failed: {failed_write(e, path)}. The last complete checkpoint, "  # below a progress bar
               f"{last_checkpoint(output_dir)}, is intact: free space, then continue with --resume auto.",
               file=sys.stderr, flush=True)
         return False
