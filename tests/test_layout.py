@@ -21,7 +21,8 @@ LAYERS = {"video": 0, "decoder": 0,  # no project imports: they can be copied an
           "distributed": 2,  # process group, rank-0 printing, collectives, FSDP2
           "checkpoint": 3,  # the checkpoint on disk, atomic writes
           "llamafactory": 4,  # LLaMA-Factory / IVCP translation
-          "model": 5, "data": 6, "evaluation": 7, "metrics": 7, "prepare": 7.5, "inference": 8,
+          "model": 5, "merge": 6,  # merge: export.py's streamed LoRA/DoRA merge
+          "data": 6, "evaluation": 7, "metrics": 7, "prepare": 7.5, "inference": 8,
           "train": 9, "predict": 9, "export": 9}  # the scripts, never importing each other
 
 
