@@ -275,7 +275,8 @@ def merged_backbone(model):
     embedding table, so no separate `act_embedding` is needed. Returns (vlm, tied): with tied
     embeddings (`lm_head` shares the table, as in Qwen2.5-VL-3B) the LM head's <ACT> row changes too;
     the classifier never runs lm_head, and a text generation can only ever see it as the logit of
-    emitting <ACT>. Consumes `model` (the merge happens in place)."""
+    emitting <ACT>. Consumes `model` (the merge happens in place). export.py streams the same merge
+    tensor by tensor instead (merge.py); this in-memory one is its reference (tests/test_merge.py)."""
     vlm = model.vlm.merge_and_unload() if hasattr(model.vlm, "merge_and_unload") else model.vlm
     table = vlm.get_input_embeddings().weight
     output = vlm.get_output_embeddings()
