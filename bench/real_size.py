@@ -130,15 +130,35 @@ def make_clips(work, limits):
     return clips
 
 
-def stages(name, work, clips):
-    """(stage, argv) in order, for one model."""
+# When the training step cannot run (memory), the later stages still need a checkpoint of the real
+# size: this one is what train.py writes (checkpoint.write_checkpoint_files, weights only), for the
+# same config, with the adapters moved off their initial values instead of trained.
+UNTRAINED_CHECKPOINT = """
+import json, sys, torch
+import llamafactory
+from checkpoint import full_trainable_state, write_checkpoint_files
+from config import head_sizes
+from model import build_classifier
+cfg = llamafactory.parse_config(sys.argv[2:])
+_, model = build_classifier(cfg, head_sizes(cfg))
+with torch.no_grad():
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(0.01 * torch.randn_like(p))
+classes = {"default": json.load(open(sys.argv[1]))}
+write_checkpoint_files(cfg.output_dir + "/checkpoints/step_0000001", model, (full_trainable_state(model), None),
+                       {"step": 1, "epoch": 0, "weights_only": True}, cfg, classes)
+"""
+
+
+def stages(name, work, clips, train_extra):
+    """(stage, argv) in order, for one model; train_extra: more --key value for the training step."""
     family, _, config = MODELS[name]
     here = os.path.join(work, name)
     base, run, export = (os.path.join(here, d) for d in ("base", "run", "export"))
     checkpoint = os.path.join(run, "checkpoints", "step_0000001")
     # num_action_classes: the clips' 6 classes (UCF101's head has 101 outputs: 2048 x 101 floats more)
-    common = ["--config", config, "--model_name_or_path", base, "--dataloader_num_workers", "0", "--num_action_classes", "6",
-              "--eval_datasets", f"[{{path: {clips}/val.jsonl}}]"]
+    common = ["--config", config, "--model_name_or_path", base, "--dataloader_num_workers", "0", "--num_action_classes", "6"]
     videos = sorted(os.path.join(clips, "videos", v) for v in os.listdir(os.path.join(clips, "videos"))
                     if v.startswith("val_"))
     predict = ("import sys; from inference import VideoClassifier; "
@@ -146,32 +166,39 @@ def stages(name, work, clips):
                "print(clf.predict(sys.argv[2:], top_k=3))")
     return [("build", ["prepare/tiny_model.py", "--family", family, "--config", os.path.join(here, "config.json"),
                        "--bf16", "--out", base]),
-            ("train", ["train.py", *common, "--train_datasets", f"[{{path: {clips}/train.jsonl}}]",
+            ("train", ["train.py", *common, "--train_datasets", f"[{{path: {clips}/train.jsonl}}]", "--eval_datasets", "[]",
                        "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_steps", "1",
-                       "--save_steps", "1", "--eval_steps", "0", "--logging_steps", "1", "--output_dir", run]),
-            ("eval", ["train.py", *common, "--eval_only", "--checkpoint", checkpoint, "--per_device_eval_batch_size",
+                       "--save_steps", "1", "--eval_steps", "0", "--logging_steps", "1", "--output_dir", run,
+                       *train_extra]),
+            ("checkpoint without a step", ["-c", UNTRAINED_CHECKPOINT, os.path.join(clips, "classes.json"), *common,
+                                           "--train_datasets", f"[{{path: {clips}/train.jsonl}}]", "--output_dir", run]),
+            ("eval", ["train.py", *common, "--eval_only", "--checkpoint", checkpoint,
+                      "--eval_datasets", f"[{{path: {clips}/val.jsonl}}]", "--per_device_eval_batch_size",
                       "1", "--output_dir", os.path.join(here, "eval")]),
             ("export", ["export.py", "--checkpoint", checkpoint, "--out", export]),
             ("predict", ["-c", predict, export, *videos])]
 
 
-def bench_model(name, work, clips, limits, keep):
+def bench_model(name, work, clips, limits, options):
     here = os.path.join(work, name)
     os.makedirs(here, exist_ok=True)
     with open(os.path.join(here, "config.json"), "w") as f:
         json.dump(MODELS[name][1], f, indent=1)
     rows = []
-    for stage, argv in stages(name, work, clips):
+    for stage, argv in stages(name, work, clips, options.train_extra):
         if stage == "build" and os.path.isfile(os.path.join(here, "base", "model.safetensors")):
             print(f"{name}: reusing the checkpoint in {here}/base (remove it to time the build)", flush=True)
             continue
+        if stage in options.skip or stage == "checkpoint without a step" and any(
+                r["stage"] == "train" and r["exit"] == 0 for r in rows):
+            continue  # the checkpoint without a step: only when the step did not run
         row = run_stage(stage, argv, limits, os.path.join(here, f"{stage}.log"))
         rows.append(row)
         print(json.dumps({"model": name, **row}), flush=True)
-        if row["exit"] != 0:
-            break  # the later stages need this one's output
+        if row["exit"] != 0 and stage != "train":
+            break  # the later stages need this one's output (a failed step: the checkpoint without one)
     sizes = {d: folder_gb(os.path.join(here, d)) for d in ("base", "export") if os.path.isdir(os.path.join(here, d))}
-    if not keep and all(r["exit"] == 0 for r in rows):  # 15-18 GB a model; a failed run keeps them for a rerun
+    if not options.keep and all(r["exit"] == 0 for r in rows if r["stage"] != "train"):  # 15-18 GB a model; a failed run keeps them for a rerun
         for d in ("base", "run", "export"):
             shutil.rmtree(os.path.join(here, d), ignore_errors=True)
     return rows, sizes
@@ -200,12 +227,18 @@ def main():
     p.add_argument("--max_rss_gb", type=float, default=16.0, help="a stage over this (all its processes) is stopped")
     p.add_argument("--max_minutes", type=float, default=15.0, help="a stage running longer is stopped")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints, run folder and export afterwards")
+    p.add_argument("--skip", nargs="*", default=[], choices=["build", "train", "eval", "export", "predict"],
+                   help="stages not to run (a skipped train: the checkpoint without a step stands in)")
+    p.add_argument("--train_extra", nargs="*", default=[],
+                   help="more train.py overrides for the step, e.g. gradient_checkpointing true (give them "
+                        "without the leading --: KEY VALUE ...)")
     args = p.parse_args()
+    args.train_extra = [f"--{v}" if i % 2 == 0 else v for i, v in enumerate(args.train_extra)]
     limits = Limits(args.max_rss_gb, args.max_minutes)
     os.makedirs(args.work, exist_ok=True)
     clips = make_clips(args.work, limits)
     for name in args.models:
-        rows, sizes = bench_model(name, args.work, clips, limits, args.keep)
+        rows, sizes = bench_model(name, args.work, clips, limits, args)
         print(table(name, rows, sizes), flush=True)
 
 
