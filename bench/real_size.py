@@ -189,13 +189,15 @@ def bench_model(name, work, clips, limits, options):
         if stage == "build" and os.path.isfile(os.path.join(here, "base", "model.safetensors")):
             print(f"{name}: reusing the checkpoint in {here}/base (remove it to time the build)", flush=True)
             continue
-        if stage in options.skip or stage == "checkpoint without a step" and any(
-                r["stage"] == "train" and r["exit"] == 0 for r in rows):
-            continue  # the checkpoint without a step: only when the step did not run
+        if stage == "checkpoint without a step" and os.path.isdir(os.path.join(here, "run", "checkpoints")):
+            print(f"{name}: reusing the checkpoint in {here}/run (remove it to make it anew)", flush=True)
+            continue  # the checkpoint without a step: only when no step wrote one
+        if stage in options.skip:
+            continue
         row = run_stage(stage, argv, limits, os.path.join(here, f"{stage}.log"))
         rows.append(row)
         print(json.dumps({"model": name, **row}), flush=True)
-        if row["exit"] != 0 and stage != "train":
+        if row["exit"] != 0 and stage in ("build", "checkpoint without a step", "export"):
             break  # the later stages need this one's output (a failed step: the checkpoint without one)
     sizes = {d: folder_gb(os.path.join(here, d)) for d in ("base", "export") if os.path.isdir(os.path.join(here, d))}
     if not options.keep and all(r["exit"] == 0 for r in rows if r["stage"] != "train"):  # 15-18 GB a model; a failed run keeps them for a rerun
