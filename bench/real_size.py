@@ -189,7 +189,7 @@ def bench_model(name, work, clips, limits, options):
         if stage == "build" and os.path.isfile(os.path.join(here, "base", "model.safetensors")):
             print(f"{name}: reusing the checkpoint in {here}/base (remove it to time the build)", flush=True)
             continue
-        if stage == "checkpoint without a step" and os.path.isdir(os.path.join(here, "run", "checkpoints")):
+        if stage == "checkpoint without a step" and os.path.isdir(os.path.join(here, "run", "checkpoints", "step_0000001")):
             print(f"{name}: reusing the checkpoint in {here}/run (remove it to make it anew)", flush=True)
             continue  # the checkpoint without a step: only when no step wrote one
         if stage in options.skip:
