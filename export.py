@@ -26,7 +26,7 @@ from checkpoint import EXPORT_FILE, CheckpointError, folder_kind, read_json, wri
 from config import ConfigError
 from data import USER_ERRORS
 from inference import DTYPES, VideoClassifier
-from model import merged_backbone
+from merge import write_merged_backbone
 
 SHARD_SIZE = "2GB"
 
@@ -59,11 +59,11 @@ def export(checkpoint, out, dtype):
 
 def write_export(checkpoint, directory, dtype):
     os.makedirs(directory)  # fails early, before the model loads, when the folder cannot be written
-    # Merged in fp32 (the adapters' deltas are added before any rounding), then cast once.
-    clf = VideoClassifier.from_pretrained(checkpoint, device="cpu", fp32=True)
+    # The backbone streams from the base's files to the export one tensor at a time (merge.py: each
+    # merged in fp32, then cast), so the classifier is loaded without its weights.
+    clf = VideoClassifier.from_pretrained(checkpoint, device="cpu", backbone_weights=False)
     manifest = clf.manifest(dtype, source=os.path.abspath(checkpoint))
-    vlm, tied = merged_backbone(clf.model)
-    vlm.to(DTYPES[dtype]).save_pretrained(directory, max_shard_size=SHARD_SIZE)
+    vlm, tied = write_merged_backbone(checkpoint, directory, DTYPES[dtype], SHARD_SIZE)
     clf.processor.save_pretrained(directory)
     for space, head in clf.model.heads.items():
         head.save_pretrained(os.path.join(directory, "heads", space))

@@ -44,21 +44,23 @@ class VideoClassifier:
     device: torch.device
 
     @classmethod
-    def from_pretrained(cls, path, device=None, fp32=False):
+    def from_pretrained(cls, path, device=None, fp32=False, backbone_weights=True):
         """An export.py folder or a checkpoints/step_NNNNNNN (or best) folder. `fp32`: load a
-        checkpoint's base in fp32 even when it trained in bf16 (export.py merges adapters there)."""
+        checkpoint's base in fp32 even when it trained in bf16. `backbone_weights=False` (a checkpoint):
+        everything but the backbone's weights, which stay on the meta device (export.py, which streams
+        them through merge.py): heads, class names, processor, video settings; it cannot predict."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         kind = folder_kind(path)
         if kind == "export":
             return cls.from_export(path, device)
         if kind == "checkpoint":
-            return cls.from_checkpoint(path, device, fp32)
+            return cls.from_checkpoint(path, device, fp32, backbone_weights)
         raise CheckpointError(f"{path}: neither a checkpoint folder (config.yaml, trainer_state.json) nor an "
                               f"export ({EXPORT_FILE}); pass runs/NAME/checkpoints/step_NNNNNNN (or best), or "
                               f"a folder export.py wrote")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, device, fp32=False):
+    def from_checkpoint(cls, checkpoint, device, fp32=False, backbone_weights=True):
         """Rebuilds the model from the checkpoint's own config (its base model must be where
         model_name_or_path says) and loads its weights and class names."""
         cfg = saved_config(os.path.join(checkpoint, CONFIG_FILE))
@@ -71,9 +73,10 @@ class VideoClassifier:
             if len(classes[space]) != n:
                 raise CheckpointError(f"{checkpoint}/classes.json: {len(classes[space])} class names for label space "
                                       f"{space!r}, but its head has {n} outputs")
-        processor, model = build_classifier(cfg, sizes)
+        processor, model = build_classifier(cfg, sizes, weights=backbone_weights)
         load_weights(model, checkpoint)
-        return cls(model.to(device).eval(), processor, classes, video_settings(cfg, vision_geometry(processor)), eval_views(cfg), DEFAULT_MESSAGES,
+        model = model.to(device) if backbone_weights else model  # a meta tensor cannot move
+        return cls(model.eval(), processor, classes, video_settings(cfg, vision_geometry(processor)), eval_views(cfg), DEFAULT_MESSAGES,
                    cfg.bf16, device)
 
     @classmethod

@@ -80,14 +80,20 @@ def vision_geometry(processor):
     return {"resize_factor": video.patch_size * video.merge_size, "temporal_patch_size": video.temporal_patch_size}
 
 
-def load_vlm(cfg, act_token_id):
-    from transformers import AutoModelForImageTextToText
+def load_vlm(cfg, act_token_id, weights=True):
+    """weights=False: the architecture alone, on the meta device (names, shapes, tying; no memory and
+    no weight file read), for what needs the model's layout but streams its weights (merge.py)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     # Frozen base weights can live in bf16; weights that train stay fp32 (autocast does the rest).
     dtype = torch.bfloat16 if cfg.bf16 and cfg.finetuning_type != "full" else torch.float32
-    vlm = AutoModelForImageTextToText.from_pretrained(
-        cfg.model_name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code)
+    options = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    if weights:
+        vlm = AutoModelForImageTextToText.from_pretrained(cfg.model_name_or_path, **options)
+    else:
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            vlm = AutoModelForImageTextToText.from_config(config, **options)
     rows = vlm.get_input_embeddings().weight.shape[0]
     if act_token_id >= rows:  # every Qwen-VL family's table has spare rows: this is for other tokenizers
         vlm.resize_token_embeddings(act_token_id + 1)
@@ -235,13 +241,14 @@ def masked_rows(hidden, mask):
     return states.masked_fill(~valid.unsqueeze(-1), 0), valid
 
 
-def build_classifier(cfg, head_sizes, processor=None):
+def build_classifier(cfg, head_sizes, processor=None, weights=True):
     """head_sizes: {label_space: num_classes}; processor: load_processor's, when the caller has it
-    already. Returns (processor, ActionClassifier)."""
+    already; weights=False: the backbone on the meta device (load_vlm), the heads real. Returns
+    (processor, ActionClassifier)."""
     if processor is None:
         processor, _ = load_processor(cfg.model_name_or_path, cfg.trust_remote_code)
     act_token_id = processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN)
-    vlm = apply_finetuning(load_vlm(cfg, act_token_id), cfg)
+    vlm = apply_finetuning(load_vlm(cfg, act_token_id, weights), cfg)
     hidden = vlm.config.get_text_config().hidden_size
     if cfg.action_decoder_type in TRANSFORMER_TYPES and hidden % cfg.action_decoder_num_heads:
         raise ConfigError(f"action_decoder_num_heads={cfg.action_decoder_num_heads} must divide the hidden size of "
@@ -271,7 +278,8 @@ def merged_backbone(model):
     embedding table, so no separate `act_embedding` is needed. Returns (vlm, tied): with tied
     embeddings (`lm_head` shares the table, as in Qwen2.5-VL-3B) the LM head's <ACT> row changes too;
     the classifier never runs lm_head, and a text generation can only ever see it as the logit of
-    emitting <ACT>. Consumes `model` (the merge happens in place)."""
+    emitting <ACT>. Consumes `model` (the merge happens in place). export.py streams the same merge
+    tensor by tensor instead (merge.py); this in-memory one is its reference (tests/test_merge.py)."""
     vlm = model.vlm.merge_and_unload() if hasattr(model.vlm, "merge_and_unload") else model.vlm
     table = vlm.get_input_embeddings().weight
     output = vlm.get_output_embeddings()

@@ -318,9 +318,34 @@ def build_processor(min_pixels=None, max_pixels=None, family=DEFAULT_FAMILY):
 def write_tiny_model(out, size=TinySize(), seed=0, family=DEFAULT_FAMILY):
     """Build, save and return `out`. Written to a temp folder and renamed, so a half-written
     directory never looks like a model."""
+    return write_model(out, tiny_config(size, family), seed, family)
+
+
+def full_size_config(path, family):
+    """A released model's config.json (e.g. Qwen/Qwen2.5-VL-3B-Instruct's), as this family's config
+    class: bench/real_size.py builds the real architectures with random weights from it."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)
+    model_type = getattr(transformers, family_spec(family).model_class).config_class.model_type
+    if values.get("model_type") != model_type:
+        raise SystemExit(f"{path}: model_type {values.get('model_type')!r}, but --family {family} is {model_type!r}")
+    return transformers.AutoConfig.for_model(**values)
+
+
+def write_model(out, config, seed=0, family=DEFAULT_FAMILY, dtype=torch.float32):
+    """A random model of `config` (tiny_config's, or a released model's: full_size_config) with the
+    family's real tokenizer and processor, saved as a checkpoint folder at `out`. `dtype`: bf16 builds
+    a 3B model in 7.5 GB instead of 15."""
     spec = family_spec(family)
     torch.manual_seed(seed)
-    model = getattr(transformers, spec.model_class)(tiny_config(size, family))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the parameters are created (and initialised) in dtype: no fp32 copy
+    try:
+        model = getattr(transformers, spec.model_class)(config)
+    finally:
+        torch.set_default_dtype(previous)
     processor = build_processor(family=family)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -343,10 +368,18 @@ def main(argv=None):
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-hidden", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="a released model's config.json: that architecture at full "
+                                                  "size, random weights (--hidden ... are then ignored)")
+    p.add_argument("--bf16", action="store_true", help="weights in bf16 (half the memory and disk)")
     args = p.parse_args(argv)
     out = args.out if args.out is not None else FAMILIES[args.family].out
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.config is not None:
+        write_model(out, full_size_config(args.config, args.family), args.seed, args.family, dtype)
+        print(f"wrote a random {FAMILIES[args.family].model_class} of {args.config} to {out}")
+        return
     size = TinySize(args.hidden, args.layers, args.heads, args.vision_depth, args.vision_hidden)
-    write_tiny_model(out, size, args.seed, args.family)
+    write_model(out, tiny_config(size, args.family), args.seed, args.family, dtype)
     print(f"wrote a tiny {FAMILIES[args.family].model_class} (hidden {args.hidden}, {args.layers} layers, "
           f"vision depth {args.vision_depth}) to {out}")
 
