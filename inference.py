@@ -29,6 +29,7 @@ from prepare.records import DEFAULT_MESSAGES
 from video import VideoSettings
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+SEQ_CLS = "seq-cls"  # export.py --as seq-cls: actcls.json's `form`; the default form writes none
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -80,6 +81,10 @@ class VideoClassifier:
     def from_export(cls, directory, device):
         """Needs nothing outside `directory`: the merged backbone loads through plain from_pretrained."""
         manifest = read_json(os.path.join(directory, EXPORT_FILE))
+        if manifest.get("form") == SEQ_CLS:
+            raise CheckpointError(f"{directory} is a seq-cls export (export.py --as seq-cls), for transformers' "
+                                  f"AutoModelForSequenceClassification and vLLM's pooling runner; actcls runs the "
+                                  f"default form: export the checkpoint ({manifest.get('source')}) without --as")
         if manifest.get("format") != EXPORT_FORMAT:
             raise CheckpointError(f"{directory}/{EXPORT_FILE}: export format {manifest.get('format')!r}, this "
                                   f"version reads {EXPORT_FORMAT}")
