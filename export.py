@@ -38,7 +38,7 @@ import sys
 from checkpoint import CONFIG_FILE, EXPORT_FILE, CheckpointError, folder_kind, read_json, write_atomically
 from config import ConfigError, head_sizes, saved_config
 from data import USER_ERRORS
-from inference import DTYPES, SEQ_CLS, VideoClassifier
+from inference import DTYPES, SEQ_CLS, VideoClassifier, classifier_kind
 from model import merged_backbone
 from modeling_actcls import AUTO_MAP, CODE_FILES, CUSTOM_PIPELINES
 
@@ -67,8 +67,7 @@ def main(argv=None):
 
 
 def export(checkpoint, out, dtype, form="actcls"):
-    if folder_kind(checkpoint) not in ("checkpoint", "export"):
-        VideoClassifier.from_pretrained(checkpoint)  # says what the folder is not, and what to pass
+    classifier_kind(checkpoint)  # a checkpoint, or an export (written again in this version's form)
     if form == SEQ_CLS:
         check_seq_cls(checkpoint, declared_heads(checkpoint))  # before the model loads
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -146,17 +145,22 @@ def write_seq_cls(checkpoint, directory, dtype):
 
 
 def write_seq_cls_files(clf, directory, dtype, source):
-    """clf's backbone (merged) and its one linear head as a *ForSequenceClassification checkpoint:
-    `model.*` (the inner model, as the ForConditionalGeneration names it) + `score.weight`. The head's
-    bias has no place there (transformers' and vLLM's `score` have none): it goes to actcls.json."""
+    """clf's backbone (merged) and its one linear head as a *ForSequenceClassification checkpoint: the
+    ForConditionalGeneration's weights without lm_head (a classifier never runs it) + `score.weight`.
+    The head's bias has no place there (transformers' and vLLM's `score` have none): it goes to
+    actcls.json's `score_bias`."""
     from huggingface_hub import save_torch_state_dict
+    from transformers.core_model_loading import revert_weight_conversion
 
     (space, head), = clf.model.heads.items()
     names = clf.classes[space]
     manifest = {**clf.manifest(dtype, source), "form": SEQ_CLS, "label_space": space,
                 "score_bias": head.net.bias.detach().tolist()}
     vlm, tied = merged_backbone(clf.model)
-    state = {name: tensor.to(DTYPES[dtype]) for name, tensor in vlm.state_dict().items() if name.startswith("model.")}
+    state = {name: tensor for name, tensor in vlm.state_dict().items() if not name.startswith("lm_head.")}
+    # the names the family's checkpoints use, as save_pretrained writes them (Qwen2.5-VL: model.layers.*,
+    # visual.*), which every loader of the family maps; transformers' in-memory names are its own
+    state = {name: tensor.to(DTYPES[dtype]) for name, tensor in revert_weight_conversion(vlm, state).items()}
     state["score.weight"] = head.net.weight.detach().to(DTYPES[dtype])
     save_torch_state_dict(state, directory, max_shard_size=SHARD_SIZE)
     seq_cls_config(vlm, names, clf.processor.tokenizer.pad_token_id, dtype).save_pretrained(directory)
@@ -173,6 +177,7 @@ def seq_cls_config(vlm, names, pad_token_id, dtype):
     each row's last real one (<ACT>: actcls inputs end there)."""
     config = copy.deepcopy(vlm.config)
     config.architectures = [seq_cls_architecture(vlm)]
+    config.hidden_size = config.get_text_config().hidden_size  # vLLM sizes `score` from the top level
     for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
         c.num_labels = len(names)  # first: setting it resets id2label to LABEL_i
         c.id2label = dict(enumerate(names))

@@ -49,14 +49,9 @@ class VideoClassifier:
         """An export.py folder or a checkpoints/step_NNNNNNN (or best) folder. `fp32`: load a
         checkpoint's base in fp32 even when it trained in bf16 (export.py merges adapters there)."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        kind = folder_kind(path)
-        if kind == "export":
+        if classifier_kind(path) == "export":
             return cls.from_export(path, device)
-        if kind == "checkpoint":
-            return cls.from_checkpoint(path, device, fp32)
-        raise CheckpointError(f"{path}: neither a checkpoint folder (config.yaml, trainer_state.json) nor an "
-                              f"export ({EXPORT_FILE}); pass runs/NAME/checkpoints/step_NNNNNNN (or best), or "
-                              f"a folder export.py wrote")
+        return cls.from_checkpoint(path, device, fp32)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device, fp32=False):
@@ -169,6 +164,16 @@ class VideoClassifier:
             results.append({"video": sample.video, "error": error} if top is None else
                            {"video": sample.video, "top": [(names[c], p) for c, p in top]})
         return results
+
+
+def classifier_kind(path):
+    """"checkpoint" or "export"; anything else is refused, saying what to pass."""
+    kind = folder_kind(path)
+    if kind not in ("checkpoint", "export"):
+        raise CheckpointError(f"{path}: neither a checkpoint folder (config.yaml, trainer_state.json) nor an "
+                              f"export ({EXPORT_FILE}); pass runs/NAME/checkpoints/step_NNNNNNN (or best), or "
+                              f"a folder export.py wrote")
+    return kind
 
 
 def check_inputs_exist(paths):
