@@ -267,7 +267,7 @@ def model_card(vlm, manifest, classes, metrics, tied):
               "print(clf.predict([\"a.mp4\", \"b.avi\"], top_k=5))", "```", "",
               "Many videos: `python predict.py --checkpoint THIS_FOLDER videos/ --out results.jsonl "
               "--num_workers 4`.", "",
-              "Without actcls (transformers, torch, av and numpy installed; the code is in this folder):", "",
+              "Without actcls (transformers, torch, torchvision, av and numpy installed; the code is in this folder):", "",
               "```python", "from transformers import AutoModel, pipeline",
               "clf = AutoModel.from_pretrained(\"THIS_FOLDER\", trust_remote_code=True)",
               "print(clf.predict([\"a.mp4\"], top_k=5))",
