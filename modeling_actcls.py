@@ -12,7 +12,7 @@ decoder.py: none of them imports anything else of the project) and points config
 the Hub does: `auto_map` for AutoModel, `custom_pipelines` for the pipeline. Inside an export
 transformers loads these files as one package, hence the relative imports; in the repository they
 are flat modules. Videos are sampled as evaluation samples them (actcls.json: the video settings,
-the views, the prompt), so the probabilities are VideoClassifier's (tests/test_hub.py).
+the views, the prompt), so the probabilities are VideoClassifier's (tests/test_export.py).
 """
 
 import errno
