@@ -118,6 +118,9 @@ def declared_heads(folder):
     """{label_space: head type} as the folder describes them, read without loading any weights."""
     if folder_kind(folder) == "export":
         manifest = read_json(os.path.join(folder, EXPORT_FILE))
+        if manifest.get("form") == SEQ_CLS:
+            raise CheckpointError(f"{folder} is a seq-cls export already; export the checkpoint it came from "
+                                  f"({manifest.get('source')}) or a default-form export of it")
         return {space: read_json(os.path.join(folder, "heads", space, "action_decoder.json"))["decoder_type"]
                 for space in manifest.get("heads", {})}
     cfg = saved_config(os.path.join(folder, CONFIG_FILE))
@@ -130,7 +133,7 @@ def check_seq_cls(folder, heads):
     if len(heads) != 1:
         raise ConfigError(f"{folder} has {len(heads)} heads ({', '.join(heads)}), and the seq-cls layout holds one; "
                           f"export it with {default}, which runs under transformers with trust_remote_code")
-    (space, kind), = heads.items()
+    kind, = heads.values()
     if kind != "linear":
         raise ConfigError(f"{folder}: its head is `{kind}`, and the seq-cls layout holds a linear head only "
                           f"(`score`); export it with {default}, which runs under transformers with "
