@@ -22,9 +22,10 @@ import torch
 
 from batch_plan import EpochBatches
 from checkpoint import CheckpointError
+from chat import ACT_TOKEN, VIDEO_TOKEN, processor_inputs, prompt_messages, prompt_text
 from config import ConfigError
 from llamafactory import renamed_record
-from model import ACT_TOKEN, vision_geometry
+from model import vision_geometry
 from video import SINGLE_VIEW, DataError, VideoInfo, frame_size, load_sampled, num_frames_to_sample, probe_video
 from video import decode_frames  # noqa: F401  (data.decode_frames: the frame decoder, importable from here too)
 
@@ -32,7 +33,6 @@ from video import decode_frames  # noqa: F401  (data.decode_frames: the frame de
 # and exit code 1, without a traceback (tracebacks are for bugs).
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
-VIDEO_TOKEN = "<video>"
 MAX_REPORT = 20  # problems listed in one error; the rest are counted
 
 
@@ -224,26 +224,6 @@ class VideoDataset(torch.utils.data.Dataset):
         raise DataError(f"no readable video among {len(self.samples)} samples:\n" + "\n".join(skipped[:20]))
 
 
-def prompt_messages(messages):
-    """sharegpt messages -> chat-template messages, the <video> placeholder as a video item."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if VIDEO_TOKEN in content:
-            before, after = content.split(VIDEO_TOKEN, 1)
-            content = [{"type": "text", "text": before}] if before else []
-            content += [{"type": "video"}] + ([{"type": "text", "text": after}] if after else [])
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-def prompt_text(processor, messages):
-    """The chat-formatted conversation cut right after <ACT>: causal attention means nothing after
-    it can change its hidden state, so those tokens are pure cost."""
-    text = processor.apply_chat_template(prompt_messages(messages), tokenize=False)
-    return text[: text.index(ACT_TOKEN) + len(ACT_TOKEN)]
-
-
 def answer_turn(processor, messages):
     """(prompt, answer): the chat-formatted conversation up to the assistant turn that holds <ACT>
     (generation prompt included), and that turn as the template renders it (content and end of
@@ -280,22 +260,15 @@ class Collator:
         self.processor, self.act_token_id, self.answer_tokens = processor, act_token_id, answer_tokens
 
     def __call__(self, items):
-        from transformers.video_utils import VideoMetadata  # here, not at the top: workers import it once
-
         spaces = {it.sample.label_space for it in items}
         if len(spaces) != 1:  # the batch plans never do this; a caller's own batches might
             raise ValueError(f"a batch mixes label spaces {sorted(spaces)}; batch each label space on its own")
-        metadata = [VideoMetadata(total_num_frames=it.info.num_frames, fps=it.info.fps,
-                                  frames_indices=it.indices.tolist()) for it in items]
         if self.answer_tokens:
             turns = [answer_turn(self.processor, it.sample.messages) for it in items]
             texts = [prompt + answer for prompt, answer in turns]
         else:
             texts = [prompt_text(self.processor, it.sample.messages) for it in items]
-        batch = self.processor(
-            text=texts,
-            videos=[it.frames for it in items], video_metadata=metadata, do_resize=False,
-            do_sample_frames=False, padding=True, return_tensors="pt")
+        batch = processor_inputs(self.processor, texts, [(it.frames, it.indices, it.info) for it in items])
         is_act = batch["input_ids"] == self.act_token_id
         if not (is_act.sum(1) == 1).all():
             bad = [it.sample.source for it, n in zip(items, is_act.sum(1).tolist()) if n != 1]

@@ -29,6 +29,7 @@ from prepare.records import DEFAULT_MESSAGES
 from video import VideoSettings
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+SEQ_CLS = "seq-cls"  # export.py --as seq-cls: actcls.json's `form`; the default form writes none
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -50,14 +51,9 @@ class VideoClassifier:
         everything but the backbone's weights, which stay on the meta device (export.py, which streams
         them through merge.py): heads, class names, processor, video settings; it cannot predict."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        kind = folder_kind(path)
-        if kind == "export":
+        if classifier_kind(path) == "export":
             return cls.from_export(path, device)
-        if kind == "checkpoint":
-            return cls.from_checkpoint(path, device, fp32, backbone_weights)
-        raise CheckpointError(f"{path}: neither a checkpoint folder (config.yaml, trainer_state.json) nor an "
-                              f"export ({EXPORT_FILE}); pass runs/NAME/checkpoints/step_NNNNNNN (or best), or "
-                              f"a folder export.py wrote")
+        return cls.from_checkpoint(path, device, fp32, backbone_weights)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device, fp32=False, backbone_weights=True):
@@ -83,6 +79,10 @@ class VideoClassifier:
     def from_export(cls, directory, device):
         """Needs nothing outside `directory`: the merged backbone loads through plain from_pretrained."""
         manifest = read_json(os.path.join(directory, EXPORT_FILE))
+        if manifest.get("form") == SEQ_CLS:
+            raise CheckpointError(f"{directory} is a seq-cls export (export.py --as seq-cls), for transformers' "
+                                  f"AutoModelForSequenceClassification and vLLM's pooling runner; actcls runs the "
+                                  f"default form: export the checkpoint ({manifest.get('source')}) without --as")
         if manifest.get("format") != EXPORT_FORMAT:
             raise CheckpointError(f"{directory}/{EXPORT_FILE}: export format {manifest.get('format')!r}, this "
                                   f"version reads {EXPORT_FORMAT}")
@@ -167,6 +167,16 @@ class VideoClassifier:
             results.append({"video": sample.video, "error": error} if top is None else
                            {"video": sample.video, "top": [(names[c], p) for c, p in top]})
         return results
+
+
+def classifier_kind(path):
+    """"checkpoint" or "export"; anything else is refused, saying what to pass."""
+    kind = folder_kind(path)
+    if kind not in ("checkpoint", "export"):
+        raise CheckpointError(f"{path}: neither a checkpoint folder (config.yaml, trainer_state.json) nor an "
+                              f"export ({EXPORT_FILE}); pass runs/NAME/checkpoints/step_NNNNNNN (or best), or "
+                              f"a folder export.py wrote")
+    return kind
 
 
 def check_inputs_exist(paths):

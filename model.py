@@ -30,12 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chat import ACT_TOKEN
 from checkpoint import CheckpointError
 from config import ConfigError
 from decoder import TRANSFORMER_TYPES, ActionDecoder, from_ivcp, ivcp_decoder_type
 from llamafactory import IVCP_TRANSFORMER_HEAD
 
-ACT_TOKEN = "<ACT>"
 # Module names, the same in every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE)):
 LM_PREFIX = "model.language_model."
 VISION_PREFIX = "model.visual."

@@ -15,8 +15,13 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
+import checkpoint
 import export
+import inference
+import modeling_actcls
 import train
 from data import Collator, VideoDataset
 from decoder import ActionDecoder
@@ -201,11 +206,6 @@ def test_export_refuses_a_folder_that_is_not_a_checkpoint(synthetic_dir, tmp_pat
     assert "neither a checkpoint folder" in str(err.value) and not (tmp_path / "x").exists()
 
 
-def test_export_refuses_an_export(exported, tmp_path):
-    with pytest.raises(SystemExit, match="is an export already"):
-        export.main(["--checkpoint", exported[0]["lora"][1], "--out", str(tmp_path / "x")])
-
-
 def test_export_to_an_unwritable_or_occupied_out(exported, tmp_path):
     checkpoint = exported[0]["lora"][0]
     (tmp_path / "a_file").write_text("")
@@ -225,3 +225,144 @@ def test_export_cli_error_has_no_traceback(tmp_path):
                              "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "neither a checkpoint folder" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 21: the export without actcls (transformers' trust_remote_code, a custom pipeline), re-exporting
+# an export (one of an older actcls), and the seq-cls layout's refusals. Qwen3.5's seq-cls logits
+# against actcls's: tests/test_hub.py.
+
+# Run by a fresh interpreter outside the repository (-I: no cwd, no PYTHONPATH on sys.path), so only
+# the export's own copies of the code can serve it.
+TRANSFORMERS_ALONE = r"""
+import importlib.util, json, sys
+from transformers import AutoModel, pipeline
+export, clips, missing, views = json.loads(sys.argv[1])
+assert not any(importlib.util.find_spec(m) for m in ("inference", "data", "model", "chat", "video")), sys.path
+clf = AutoModel.from_pretrained(export, trust_remote_code=True)
+out = {"predict": clf.predict(clips, top_k=6)}
+clf.views = [tuple(v) for v in views]  # as if actcls.json said so
+out["views"] = clf.predict(clips[:1], top_k=6)
+pipe = pipeline("video-classification", model=export, trust_remote_code=True, device="cpu")
+out["pipeline"], out["pipeline_list"] = pipe(clips[0], top_k=3), pipe(clips[:2], top_k=2)
+for name in (missing, clips[-1]):  # a missing file, an unreadable one
+    try:
+        pipe(name)
+    except Exception as e:
+        out.setdefault("errors", []).append([type(e).__name__, str(e)])
+print(json.dumps(out))
+"""
+
+
+def assert_same_top(got, want, tol=FP32_TOL):
+    assert got["video"] == want["video"] and [c for c, _ in got["top"]] == [c for c, _ in want["top"]]
+    assert max(abs(p - q) for (_, p), (_, q) in zip(got["top"], want["top"])) <= tol
+
+
+def test_transformers_alone_predicts_as_video_classifier(exported, tmp_path):
+    """AutoModel(trust_remote_code).predict and the folder's pipeline, in an interpreter with no actcls
+    on its path, give VideoClassifier.predict's classes and probabilities (fp32 export), with one
+    view and averaged over two (other clips, other crops); unreadable videos: predict's error entry,
+    the pipeline's errors."""
+    out, _, samples = exported
+    target = out["lora"][1]
+    views = [(0, 2, 0, 3), (1, 2, 2, 3)]  # two temporal clips, two spatial crops
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(np.random.default_rng(0).bytes(3000))
+    clips = [samples[0].video, samples[1].video, str(broken)]
+    args = json.dumps([target, clips, str(tmp_path / "missing.mp4"), views])
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}  # the code's copies go here, not ~/.cache
+    result = subprocess.run([sys.executable, "-I", "-c", TRANSFORMERS_ALONE, args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+
+    clf = VideoClassifier.from_pretrained(target, "cpu")
+    want = clf.predict(clips, top_k=6)
+    for g, w in zip(got["predict"][:2], want[:2]):
+        assert_same_top(g, w)
+    assert got["predict"][2] == want[2] and "broken.mp4: cannot open video" in want[2]["error"]
+    clf.views = views
+    assert_same_top(got["views"][0], clf.predict(clips[:1], top_k=6)[0])
+    assert got["views"][0]["top"] != got["predict"][0]["top"]  # the views changed something
+    assert [(d["label"], d["score"]) for d in got["pipeline"]] == [tuple(t) for t in got["predict"][0]["top"][:3]]
+    assert [[d["label"] for d in r] for r in got["pipeline_list"]] == [[c for c, _ in r["top"][:2]]
+                                                                        for r in got["predict"][:2]]
+    (missing_type, missing_msg), (bad_type, bad_msg) = got["errors"]
+    assert missing_type == "FileNotFoundError" and str(tmp_path / "missing.mp4") in missing_msg
+    assert bad_type == "DataError" and bad_msg.startswith(f"{broken}: cannot open video")
+
+
+def test_an_export_is_written_again_with_the_code(exported, tmp_path):
+    """An export (an older actcls's has no code) given as --checkpoint comes out in this version's form,
+    code and config.json entries included, the same weights and settings."""
+    source = tmp_path / "old"
+    shutil.copytree(exported[0]["lora"][1], source, ignore=shutil.ignore_patterns(*modeling_actcls.CODE_FILES))
+    config = json.load(open(source / "config.json"))
+    json.dump({k: v for k, v in config.items() if k not in ("auto_map", "custom_pipelines")}, open(source / "config.json", "w"))
+    export.main(["--checkpoint", str(source), "--out", str(tmp_path / "new"), "--dtype", "fp32"])
+    new = tmp_path / "new"
+    for name in modeling_actcls.CODE_FILES:
+        assert (new / name).read_text() == open(os.path.join(ROOT, name)).read()
+    config = json.load(open(new / "config.json"))
+    assert config["auto_map"] == {"AutoModel": "modeling_actcls.ActclsVideoClassifier"}
+    assert config["custom_pipelines"]["video-classification"]["impl"] == "modeling_actcls.ActclsVideoClassificationPipeline"
+    for weights in ("model.safetensors", "heads/default/action_decoder.safetensors"):  # the same model
+        old, written = load_file(source / weights), load_file(new / weights)
+        assert old.keys() == written.keys() and all(torch.equal(old[k], written[k]) for k in old)
+    assert json.load(open(new / "actcls.json")) == {**json.load(open(source / "actcls.json")), "source": str(source)}
+
+
+def test_seq_cls_layout_of_a_linear_head(exported, tmp_path):
+    """Qwen2.5-VL's seq-cls export: `score` = the head's weight, its bias in actcls.json, the labels at
+    both levels of the config, the architecture vLLM maps; the backbone's weights under the names the
+    default export (save_pretrained) gives them. actcls and the trust_remote_code code refuse it, naming the form that works."""
+    target = exported[0]["lora"][1]
+    seq = str(tmp_path / "seq")
+    export.main(["--checkpoint", target, "--out", seq, "--dtype", "fp32", "--as", "seq-cls"])  # the base is gone
+    config = json.load(open(os.path.join(seq, "config.json")))
+    assert config["architectures"] == ["Qwen2_5_VLForSequenceClassification"]
+    labels = {str(i): name for i, name in enumerate(CLASSES)}
+    for level in (config, config["text_config"]):
+        assert level["id2label"] == labels and level["label2id"] == {n: i for i, n in enumerate(CLASSES)}
+    weights, full = load_file(os.path.join(seq, "model.safetensors")), load_file(os.path.join(target, "model.safetensors"))
+    head = ActionDecoder.from_pretrained(os.path.join(target, "heads", "default"))
+    assert torch.equal(weights.pop("score.weight"), head.net.weight)
+    assert json.load(open(os.path.join(seq, "actcls.json")))["score_bias"] == head.net.bias.tolist()
+    assert weights.keys() == full.keys() - {"lm_head.weight"}  # the same names (tied: lm_head is the table)
+    assert all(torch.equal(weights[k], full[k]) for k in weights)
+    with pytest.raises(Exception, match="seq-cls export .* without --as"):
+        VideoClassifier.from_pretrained(seq, "cpu")
+    with pytest.raises(modeling_actcls.ExportError, match="seq-cls export: .* without --as"):
+        modeling_actcls.read_manifest(seq)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"action_decoder_type": "mlp"}, "its head is `mlp`, and the seq-cls layout holds a linear head only"),
+    ({"label_spaces": {"extra": 3}}, "has 2 heads \\(default, extra\\), and the seq-cls layout holds one")])
+def test_seq_cls_refuses_what_its_layout_cannot_hold(exported, tmp_path, change, message):
+    """Said before any weight loads, naming the export form that works instead."""
+    checkpoint = tmp_path / "step_0000001"
+    shutil.copytree(exported[0]["lora"][0], checkpoint)
+    raw = yaml.safe_load(open(checkpoint / "config.yaml"))
+    yaml.safe_dump({**raw, **change}, open(checkpoint / "config.yaml", "w"))
+    with pytest.raises(SystemExit, match=message) as err:
+        export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--as", "seq-cls"])
+    assert "the default form" in str(err.value) and "trust_remote_code" in str(err.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_export_code_agrees_with_the_project():
+    """modeling_actcls.py cannot import the project's constants (it runs without the project)."""
+    assert modeling_actcls.EXPORT_FORMAT == checkpoint.EXPORT_FORMAT
+    assert modeling_actcls.EXPORT_FILE == checkpoint.EXPORT_FILE
+    assert modeling_actcls.VIDEO_EXTENSIONS == inference.VIDEO_EXTENSIONS
+    assert modeling_actcls.DTYPES == inference.DTYPES
+
+
+def test_an_export_of_another_format_is_refused(tmp_path):
+    (tmp_path / "actcls.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(modeling_actcls.ExportError, match="export format 99, this code reads 1; export the checkpoint again"):
+        modeling_actcls.read_manifest(str(tmp_path))
+    with pytest.raises(modeling_actcls.ExportError, match="no actcls.json, so not an actcls export"):
+        modeling_actcls.read_manifest(str(tmp_path / "nothing"))

@@ -10,12 +10,14 @@ import pytest
 
 import config
 import decoder
+import modeling_actcls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A module may import only modules of a lower layer. `prepare` (the converters' package) sits with the
 # scripts' inputs: only inference.py (the default prompt, from prepare.records) and the top layer use it.
-LAYERS = {"video": 0, "decoder": 0,  # no project imports: they can be copied anywhere as they are
+LAYERS = {"video": 0, "decoder": 0, "chat": 0,  # no project imports: they can be copied anywhere as they are
+          "modeling_actcls": 0.5,  # the export's transformers code: copied into every export with the three above
           "config": 1,  # the schema
           "batch_plan": 1,  # which samples go into which micro-batch, on which rank
           "distributed": 2,  # process group, rank-0 printing, collectives, FSDP2
@@ -88,3 +90,12 @@ def test_no_function_takes_more_than_7_parameters(module):
     wide = [f"{module}.py:{line} {name} ({n})" for name, line, n in parameter_counts(os.path.join(ROOT, f"{module}.py"))
             if n > 7]
     assert not wide, "group the arguments (a dataclass, a config) instead: " + ", ".join(wide)
+
+
+def test_the_code_copied_into_an_export_imports_only_itself():
+    """export.py copies modeling_actcls.CODE_FILES into every export, which runs without the project:
+    they may import one another and nothing else of it."""
+    copied = {name[:-3] for name in modeling_actcls.CODE_FILES}
+    for module in copied:
+        imported = {name for name, _, _ in project_imports(os.path.join(ROOT, f"{module}.py"))}
+        assert imported <= copied, f"{module}.py imports {imported - copied}, which an export does not hold"
