@@ -59,7 +59,9 @@ class Config:
     freeze_multi_modal_projector: bool = True  # false: the same for the merger
     additional_target: str | None = None  # modules trained fully besides adapters, e.g. "visual.patch_embed"
     # data
-    train_datasets: list = field(default_factory=list)  # [{path, video_root, weight, label_space, name}]
+    # [{path, video_root, weight, label_space, name, frame_fps}]; frame_fps: the frame rate of the entry's
+    # frame-folder videos (a record's own `fps` wins; a video file's rate is its own)
+    train_datasets: list = field(default_factory=list)
     eval_datasets: list = field(default_factory=list)  # the same form; evaluated every eval_steps and at the end
     video_fps: float = 2.0  # frames sampled per second of video (LLaMA-Factory's default) ...
     video_maxlen: int = 128  # ... up to this many frames
@@ -124,7 +126,7 @@ POSITIVE = ("num_action_classes", "lora_rank", "video_fps", "video_maxlen", "vid
 NON_NEGATIVE = ("max_bad_video_fraction", "weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
                 "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "action_token_lr_scale",
                 "head_lr_scale", "action_decoder_dropout", "action_cls_token_loss_weight", "val_size")
-DATASET_KEYS = {"path", "video_root", "weight", "label_space", "name", "columns", "tags"}
+DATASET_KEYS = {"path", "video_root", "weight", "label_space", "name", "columns", "tags", "frame_fps"}
 REPORT_TARGETS = ("none", "tensorboard", "wandb")
 # metric_for_best_model: the eval metric -> whether higher is better. LLaMA-Factory / HF Trainer
 # spell them with an `eval_` prefix, and call top-1 `accuracy`.
@@ -250,6 +252,9 @@ def dataset_entry_problems(raw):
             elif set(entry) - DATASET_KEYS:
                 problems.append(f"{key}[{i}]: unknown key(s) {sorted(set(entry) - DATASET_KEYS)}; "
                                 f"allowed: {sorted(DATASET_KEYS)}")
+            elif entry.get("frame_fps") is not None and not (type_ok(entry["frame_fps"], float) and entry["frame_fps"] > 0):
+                problems.append(f"{key}[{i}]: frame_fps must be a positive number (the frame rate of its frame "
+                                f"folders), got {entry['frame_fps']!r}")
     return problems
 
 

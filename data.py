@@ -5,6 +5,8 @@ Record format (LLaMA-Factory sharegpt, a .json array or .jsonl lines):
                   {"role": "assistant", "content": "The action being performed is <ACT>."}],
      "videos": ["UCF101/ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi"], "action_label": 0}
 A relative video path resolves against the dataset's `video_root`, else the record file's folder.
+The video may be a frame folder (a directory of images, one frame each); its frame rate is the
+record's `fps`, else the dataset entry's `frame_fps`, and one of them must be given.
 Frames come from video.py (sampling, exact decoding, scaling, the cache).
 """
 
@@ -25,7 +27,8 @@ from checkpoint import CheckpointError
 from config import ConfigError
 from llamafactory import renamed_record
 from model import ACT_TOKEN, vision_geometry
-from video import SINGLE_VIEW, DataError, VideoInfo, frame_size, load_sampled, num_frames_to_sample, probe_video
+from video import (SINGLE_VIEW, DataError, VideoInfo, frame_files, frame_size, load_sampled, num_frames_to_sample,
+                   probe_video)
 from video import decode_frames  # noqa: F401  (data.decode_frames: the frame decoder, importable from here too)
 
 # A user's mistake in a config, a dataset or a checkpoint: the scripts' main turns these into one message
@@ -46,6 +49,14 @@ class Sample:
     label: int | None
     label_space: str
     source: str  # "file:line" for error messages
+    fps: float | None = None  # a frame folder's frame rate (a video file has its own)
+
+
+@dataclass
+class EntryRules:
+    """How one dataset entry's records are read, beyond the file and its label space's size."""
+    rename: object = None  # record -> record in this format (a registry's columns: llamafactory.renamed_record)
+    frame_fps: float | None = None  # the entry's `frame_fps`: frame folders whose record has no `fps`
 
 
 def read_records(path):
@@ -105,6 +116,9 @@ def record_problems(record, num_classes, require_label):
         problems.append(f"`action_label` must be an int, got {label!r}")
     elif not 0 <= label < num_classes:
         problems.append(f"`action_label` {label} is outside [0, {num_classes}) (num_action_classes={num_classes})")
+    fps = record.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+        problems.append(f"`fps` must be a positive number (a frame folder's frame rate), got {fps!r}")
     return problems
 
 
@@ -119,25 +133,34 @@ def resolve_video(path, video_root, record_file):
 
 
 def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_samples=None,
-                 rename=None):
+                 rules=None):
     """Reads and validates a whole dataset file up front, so a bad record fails the run before any
     GPU time is spent. All problems are collected and reported together, with file:line.
     `max_samples`: only the file's first N records (LLaMA-Factory's max_samples), the rest unread.
-    `rename`: record -> record in this format (a registry's own columns and tags: llamafactory.renamed_record).
+    `rules`: the dataset entry's EntryRules (its column renaming, frame_fps).
 
     Returns (samples, bad_videos): records whose video file is missing or empty are not errors here
-    but listed in bad_videos, so the caller can apply its tolerance (max_bad_video_fraction)."""
+    but listed in bad_videos, so the caller can apply its tolerance (max_bad_video_fraction). A frame
+    folder is listed (its frames checked for gaps) here; a folder with a problem is an error, since
+    it is the extraction that needs redoing, not a download that can be tolerated."""
+    rules = rules if rules is not None else EntryRules()
     samples, problems, bad_videos = [], [], []
     for lineno, record in itertools.islice(read_records(path), max_samples):
         where = f"{path}:{lineno}"
-        if rename is not None:
-            record = rename(record)
+        if rules.rename is not None:
+            record = rules.rename(record)
         found = record_problems(record, num_classes, require_label)
         problems += [f"{where}: {p}" for p in found]
         if found:
             continue
         video = resolve_video(record["videos"][0], video_root, path)
-        if not os.path.isfile(video):
+        fps = record.get("fps") if record.get("fps") is not None else rules.frame_fps
+        if os.path.isdir(video):
+            found = frame_folder_problems(video, fps)
+            problems += [f"{where}: {p}" for p in found]
+            if not found:
+                samples.append(Sample(video, record["messages"], record.get("action_label"), label_space, where, fps))
+        elif not os.path.isfile(video):
             bad_videos.append(f"{where}: video {video} not found")
         elif os.path.getsize(video) == 0:
             bad_videos.append(f"{where}: video {video} is empty (0 bytes)")
@@ -149,6 +172,19 @@ def load_samples(path, video_root, num_classes, label_space="default", require_l
     if not samples and not bad_videos:
         raise DataError(f"{path}: no records")
     return samples, bad_videos
+
+
+def frame_folder_problems(folder, fps):
+    """What stops a frame folder from being read: no frame rate (never guessed), no frames, a gap."""
+    problems = []
+    if fps is None:
+        problems.append(f"video {folder} is a frame folder, which has no frame rate of its own: give it as "
+                        f"`fps` in the record, or as `frame_fps` in the dataset entry")
+    try:
+        frame_files(folder)
+    except DataError as e:
+        problems.append(str(e))
+    return problems
 
 
 def check_bad_videos(bad_videos, total, max_fraction):
@@ -216,7 +252,8 @@ class VideoDataset(torch.utils.data.Dataset):
                 continue
             rng = np.random.default_rng([self.seed, epoch, i]) if train else None
             try:
-                info, indices, frames = load_sampled(self.samples[i].video, self.settings, rng, view)
+                info, indices, frames = load_sampled(self.samples[i].video, self.settings, rng, view,
+                                                     self.samples[i].fps)
             except DataError as e:
                 skipped.append(f"{self.samples[i].source}: {e}")
                 continue
@@ -334,7 +371,7 @@ def sample_lengths(dataset, text_per_group=0):
     s = dataset.settings
     lengths = []
     for sample in dataset.samples:
-        info = probe_video(sample.video)
+        info = probe_video(sample.video, sample.fps)
         n = num_frames_to_sample(info, s.video_fps, s.video_maxlen, s.video_num_frames, s.temporal_patch_size)
         height, width = frame_size(info, *s.budget)
         groups = n // s.temporal_patch_size
@@ -404,7 +441,7 @@ def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0,
         renaming = entry.get("columns") or entry.get("tags")
         rename = (lambda r, e=entry: renamed_record(r, e.get("columns"), e.get("tags"))) if renaming else None
         part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label,
-                                 max_samples, rename)
+                                 max_samples, EntryRules(rename, entry.get("frame_fps")))
         samples, bad_videos = samples + part, bad_videos + bad
         counts.append(len(part))
         weights.append(float(entry.get("weight", 1.0)))

@@ -398,6 +398,26 @@ def test_folders_stratified_deterministic_frame_folders_and_skipped(tmp_path, ca
     assert f"wrote {tmp_path / 'a/train.jsonl'}: 13 records" in captured.out
 
 
+def test_folders_frame_fps_and_frame_gaps(tmp_path, capsys):
+    """--frame_fps goes into the frame folders' records only (a video file has its own rate); a frame
+    folder with a gap in its numbers is skipped with the missing frame named."""
+    root = tmp_path / "clips"
+    make_folders(root, {"a": 2, "b": 2})
+    for f in (1, 2, 4):
+        touch(root / "a" / "gap" / f"img_{f:05d}.jpg", b"jpeg")
+    args = ["--root", str(root), "--val_fraction", "0.5"]
+    prepare.folders.main(args + ["--out", str(tmp_path / "fps"), "--frame_fps", "12"])
+    records = read_jsonl(tmp_path / "fps/train.jsonl") + read_jsonl(tmp_path / "fps/val.jsonl")
+    assert {(r["videos"][0], r.get("fps")) for r in records} == {
+        ("a/c0_frames", 12.0), ("b/c0_frames", 12.0), ("a/c1.AVI", None), ("b/c1.AVI", None)}
+    skipped = (tmp_path / "fps/skipped.txt").read_text()
+    assert "gap\tframe folder that cannot be read as a clip (" in skipped and "img_00003.jpg: frame missing" in skipped
+    capsys.readouterr()
+    prepare.folders.main(args + ["--out", str(tmp_path / "no_fps")])
+    assert "2 clip(s) are frame folders, whose records have no fps: give the frame rate as frame_fps" in \
+        capsys.readouterr().out
+
+
 def test_folders_val_root(tmp_path, capsys):
     train_tree = make_folders(tmp_path / "train", {"b": 3, "a": 2})
     val_tree = make_folders(tmp_path / "val", {"b": 1, "a": 2}, prefix="v")
