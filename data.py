@@ -46,7 +46,7 @@ MAX_REPORT = 20  # problems listed in one error; the rest are counted
 class Sample:
     video: str  # absolute path
     messages: list  # [{"role", "content"}], content with <video> and <ACT> placeholders
-    label: int | None
+    label: int | list | None  # a class index; a multi-label space's: the list of its positive classes
     label_space: str
     source: str  # "file:line" for error messages
     fps: float | None = None  # a frame folder's frame rate (a video file has its own)
@@ -57,6 +57,15 @@ class EntryRules:
     """How one dataset entry's records are read, beyond the file and its label space's size."""
     rename: object = None  # record -> record in this format (a registry's columns: llamafactory.renamed_record)
     frame_fps: float | None = None  # the entry's `frame_fps`: frame folders whose record has no `fps`
+    multi_label: bool = False  # the entry's label space is multi-label: action_label lists its classes
+
+
+@dataclass
+class Reading:
+    """What load_datasets asks of every entry's records."""
+    require_label: bool = True  # training needs labels; prediction and some evaluations do not
+    max_samples: int | None = None  # only each file's first N records (LLaMA-Factory's max_samples)
+    multi_label: frozenset = frozenset()  # the label spaces declared multi-label (config.multi_label_spaces)
 
 
 def read_records(path):
@@ -90,7 +99,7 @@ def read_records(path):
         yield from enumerate(records, 1)
 
 
-def record_problems(record, num_classes, require_label):
+def record_problems(record, num_classes, require_label, multi_label=False):
     """Everything wrong with one record, as short phrases (empty list: the record is fine)."""
     if not isinstance(record, dict):
         return [f"record is a {type(record).__name__}, expected an object"]
@@ -112,14 +121,31 @@ def record_problems(record, num_classes, require_label):
     if label is None:
         if require_label:
             problems.append("`action_label` is missing")
-    elif isinstance(label, bool) or not isinstance(label, int):
-        problems.append(f"`action_label` must be an int, got {label!r}")
-    elif not 0 <= label < num_classes:
-        problems.append(f"`action_label` {label} is outside [0, {num_classes}) (num_action_classes={num_classes})")
+    else:
+        problems += label_problems(label, num_classes, multi_label)
     fps = record.get("fps")
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
         problems.append(f"`fps` must be a positive number (a frame folder's frame rate), got {fps!r}")
     return problems
+
+
+def label_problems(label, num_classes, multi_label):
+    """A single-label space takes a class index; a multi-label one a list of distinct class indices
+    (an empty list: no action of the space happens) or one index."""
+    if isinstance(label, list) and not multi_label:
+        return [f"`action_label` is a list {label!r}, but this label space is single-label: declare it "
+                f"multi-label (`multi_label: true` for the default space; label_spaces: {{NAME: {{num_classes: N, "
+                f"multi_label: true}}}}), or give one class"]
+    labels = label if isinstance(label, list) else [label]
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in labels):
+        return [f"`action_label` must be {'class indices' if multi_label else 'an int'}, got {label!r}"]
+    outside = [x for x in labels if not 0 <= x < num_classes]
+    if outside:
+        return [f"`action_label` {outside[0]} is outside [0, {num_classes}) (num_action_classes={num_classes}, or the "
+                f"label space's num_classes)"]
+    if len(set(labels)) < len(labels):
+        return [f"`action_label` {label!r} lists a class twice"]
+    return []
 
 
 def resolve_video(path, video_root, record_file):
@@ -149,11 +175,14 @@ def load_samples(path, video_root, num_classes, label_space="default", require_l
         where = f"{path}:{lineno}"
         if rules.rename is not None:
             record = rules.rename(record)
-        found = record_problems(record, num_classes, require_label)
+        found = record_problems(record, num_classes, require_label, rules.multi_label)
         problems += [f"{where}: {p}" for p in found]
         if found:
             continue
         video = resolve_video(record["videos"][0], video_root, path)
+        label = record.get("action_label")
+        if rules.multi_label and isinstance(label, int):
+            record = {**record, "action_label": [label]}
         fps = record.get("fps") if record.get("fps") is not None else rules.frame_fps
         if os.path.isdir(video):
             found = frame_folder_problems(video, fps)
@@ -220,7 +249,8 @@ class Item:
 class Batch:
     """What the Collator makes of a list of Items: one label space, the model's inputs and the rest."""
     inputs: dict  # model inputs: every tensor the processor returns, act_index (B,), answer_mask (B, L) if asked
-    labels: torch.Tensor  # (B,) class index; -100 where nothing counts (no label, or a stand-in)
+    labels: torch.Tensor  # (B,) class index; -100 where nothing counts (no label, or a stand-in); multi-label:
+    # (B, K) each row's positive classes padded with -1 (label_tensor)
     label_space: str  # which head the batch goes through
     index: torch.Tensor  # (B,) Item.index
     sources: list  # "file:line" of each record
@@ -348,9 +378,18 @@ class Collator:
             counts = [answer_token_count(self.processor.tokenizer, prompt, answer, it.sample.source)
                       for (prompt, answer), it in zip(turns, items)]
             inputs["answer_mask"] = answer_mask(batch["attention_mask"], torch.tensor(counts))
-        return Batch(inputs, torch.tensor([-100 if label is None else label for label in labels]), spaces.pop(),
+        return Batch(inputs, label_tensor(labels), spaces.pop(),
                      torch.tensor([it.index for it in items]), [it.sample.source for it in items],
                      torch.tensor([it.valid for it in items]), [msg for it in items for msg in it.skipped])
+
+
+def label_tensor(labels):
+    """Sample labels (None: nothing counts) -> (B,) class indices, -100 for None; or, when any label is
+    a list (a multi-label space), (B, K) rows of positive classes padded with -1, -100 rows for None."""
+    if not any(isinstance(label, list) for label in labels):
+        return torch.tensor([-100 if label is None else label for label in labels])
+    width = max([1] + [len(label) for label in labels if label is not None])
+    return torch.tensor([[-100] * width if label is None else label + [-1] * (width - len(label)) for label in labels])
 
 
 def answer_mask(attention_mask, counts):
@@ -432,16 +471,17 @@ def read_class_names(path, num_classes, space):
     return names
 
 
-def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0, require_label=True,
-                  max_samples=None):
+def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0, reading=None):
+    reading = reading if reading is not None else Reading()
     samples, counts, weights, names, spaces, classes, bad_videos = [], [], [], [], [], {}, []
     for entry in entries:
         space = entry.get("label_space", "default")
         spaces.append(space)
         renaming = entry.get("columns") or entry.get("tags")
         rename = (lambda r, e=entry: renamed_record(r, e.get("columns"), e.get("tags"))) if renaming else None
-        part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label,
-                                 max_samples, EntryRules(rename, entry.get("frame_fps")))
+        part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, reading.require_label,
+                                 reading.max_samples, EntryRules(rename, entry.get("frame_fps"),
+                                                                 space in reading.multi_label))
         samples, bad_videos = samples + part, bad_videos + bad
         counts.append(len(part))
         weights.append(float(entry.get("weight", 1.0)))
