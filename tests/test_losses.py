@@ -154,3 +154,22 @@ def test_multi_label_records_are_checked_together(tmp_path):
                             for y in [[0, 2], 1, []]))
     samples, _ = load_samples(str(path), None, 3, rules=EntryRules(multi_label=True))
     assert [s.label for s in samples] == [[0, 2], [1], []]
+
+
+def test_map_on_a_generated_multi_label_set_with_a_known_answer():
+    """200 clips x 6 classes, positives drawn at random (class 5: none). Classes 0-2 scored perfectly
+    (AP 1), classes 3-4 exactly inverted (every negative above every positive: AP = mean over the
+    k-th positive of k / (negatives + k)); class 5 left out and counted: mAP = their mean over 5."""
+    rng = np.random.default_rng(0)
+    targets = (rng.random((200, 6)) < [0.1, 0.3, 0.5, 0.2, 0.4, 0.0]).astype(float)
+    noise = rng.random((200, 6)) * 0.5
+    scores = np.where(targets > 0, 0.5 + noise, noise)  # positives all above negatives
+    scores[:, 3:5] = 1 - scores[:, 3:5]  # ... and below them for classes 3, 4
+    scored = [(torch.tensor(s), [c for c in range(6) if t[c]]) for s, t in zip(scores, targets)]
+    r = multi_label_summary("default", scored, 6)
+    inverted = [np.mean([k / (200 - p + k) for k in range(1, p + 1)]) for p in targets[:, 3:5].sum(0).astype(int)]
+    expected = (3 + sum(inverted)) / 5
+    print(f"generated set: mAP {r['mAP']:.6f}, known answer {expected:.6f}; per-class AP {r['per_class_ap']}")
+    assert r["per_class_ap"][:3] == pytest.approx([1, 1, 1]) and r["per_class_ap"][3:5] == pytest.approx(inverted)
+    assert r["per_class_ap"][5] is None and r["classes_without_positives"] == 1
+    assert r["mAP"] == pytest.approx(expected)
