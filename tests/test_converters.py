@@ -293,7 +293,7 @@ def test_mmaction_videos_with_names_and_val_root(mm_videos, capsys):
     assert classes(tmp / "numbers") == ["0", "1", "2"]
 
 
-def test_mmaction_rawframes_frame_folders_and_fps(tmp_path):
+def test_mmaction_rawframes_frame_folders_and_fps(tmp_path, capsys):
     root = tmp_path / "rawframes"
     train = [(f"clip{i}", 5 + i, i % 2) for i in range(4)]
     for folder, frames, _ in train:
@@ -307,6 +307,7 @@ def test_mmaction_rawframes_frame_folders_and_fps(tmp_path):
     prepare.mmaction.main(args + ["--out", str(tmp_path / "a")])  # format auto-detected from 3 columns
     assert written(tmp_path / "a") == {"train": [(d, label) for d, _, label in train], "val": [("clip3", 1)]}
     assert all("fps" not in r for r in read_jsonl(tmp_path / "a/train.jsonl"))
+    assert "frame folders have no fps: give the frame rate as frame_fps in the dataset entry" in capsys.readouterr().out
     prepare.mmaction.main(args + ["--out", str(tmp_path / "b"), "--frame_fps", "30", "--format", "rawframes"])
     assert {r["fps"] for r in read_jsonl(tmp_path / "b/train.jsonl") + read_jsonl(tmp_path / "b/val.jsonl")} == {30.0}
 
