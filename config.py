@@ -399,6 +399,17 @@ def multi_label_spaces(cfg):
     return frozenset(spaces | ({"default"} if cfg.multi_label else set()))
 
 
+def class_weight_setting(cfg, space):
+    """class_weights for one label space: None, "balanced" or a list of weights ("balanced" alone is
+    for every space, a list for the default space, a mapping per space)."""
+    weights = cfg.class_weights
+    if isinstance(weights, dict):
+        return weights.get(space)
+    if isinstance(weights, list):
+        return weights if space == "default" else None
+    return weights
+
+
 def video_settings(cfg, geometry):
     """geometry: the model family's {resize_factor, temporal_patch_size} (model.vision_geometry)."""
     return VideoSettings(cfg.video_fps, cfg.video_maxlen, cfg.video_num_frames, cfg.video_min_pixels,

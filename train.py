@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import checkpoint
 import distributed
-from config import Config, ConfigError, best_metric, head_sizes, multi_label_spaces, video_settings, write_config
+from config import (Config, ConfigError, best_metric, class_weight_setting, head_sizes, multi_label_spaces,
+                    video_settings, write_config)
 from batch_plan import StepLayout, steps_per_epoch
 from data import USER_ERRORS, Collator, DatasetMix, Reading, batch_stream, hold_out, load_datasets
 from losses import LossSettings, class_weights, head_loss, multi_label_hits
@@ -214,11 +215,9 @@ class Tally:
 def loss_settings(cfg, mix):
     """{label_space: losses.LossSettings}: the type, label_smoothing_factor and class_weights
     ("balanced": from the training labels of that space), printed when weighted."""
-    multi, weights = multi_label_spaces(cfg), cfg.class_weights
-    by_space = weights if isinstance(weights, dict) else {"default": weights} if isinstance(weights, list) else {}
-    settings = {}
+    multi, settings = multi_label_spaces(cfg), {}
     for space, n in head_sizes(cfg).items():
-        setting = weights if isinstance(weights, str) else by_space.get(space)
+        setting = class_weight_setting(cfg, space)
         labels = [s.label for s in mix.dataset.samples if s.label_space == space]
         w = class_weights(setting, labels, n, space in multi)
         settings[space] = LossSettings(cfg.label_smoothing_factor, w, space in multi, setting == "balanced")
