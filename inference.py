@@ -101,7 +101,8 @@ class VideoClassifier:
         return {"format": EXPORT_FORMAT, "act_token": ACT_TOKEN, "act_token_id": self.model.act_token_id,
                 "dtype": dtype, "heads": {space: len(names) for space, names in self.classes.items()},
                 "video": video, "views": [list(v) for v in self.views], "prompt": self.prompt, "source": source,
-                "multi_label": sorted(self.multi_label)}
+                # only when there is one, so a single-label export's file stays what older versions wrote
+                **({"multi_label": sorted(self.multi_label)} if self.multi_label else {})}
 
     def label_space(self, name=None):
         """`name`, or the only head / "default"."""
