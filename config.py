@@ -37,7 +37,9 @@ class Config:
     trust_remote_code: bool = False  # passed to from_pretrained (the Qwen-VL families need none)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     num_action_classes: int = 6  # classes of the "default" label space
-    label_spaces: dict = field(default_factory=dict)  # extra heads: {name: num_classes}
+    multi_label: bool = False  # the default space is multi-label: action_label a list of classes, BCE, mAP
+    # extra heads: {name: num_classes}, or {name: {num_classes: N, multi_label: true}} for a multi-label one
+    label_spaces: dict = field(default_factory=dict)
     action_decoder_type: str = "linear"  # linear | mlp | transformer | transformer_no_vision
     action_decoder_hidden_size: int | None = None  # mlp / transformer's MLP inner size (default: the model's hidden size)
     action_decoder_num_transformer_layers: int = 2  # transformer heads: layers over [<ACT>, video tokens]
@@ -47,6 +49,13 @@ class Config:
     action_decoder_path: str | None = None  # initialise the head from ActionDecoder.save_pretrained output
     action_token_lr_scale: float = 0.1  # <ACT> row learning rate = learning_rate * this
     head_lr_scale: float = 1.0  # head learning rate = learning_rate * this
+    # loss (HF Trainer's name where it has one)
+    label_smoothing_factor: float = 0.0  # HF's: CE targets (1 - x) one-hot + x / C; BCE targets y (1 - x) + x / 2
+    # None: unweighted. "balanced": from the training set's counts (sklearn's class_weight="balanced":
+    # N / (C x count_c), a class absent from training gets 1; multi-label: each class's positives weighed
+    # by its negatives / positives, BCE's pos_weight); or per class: a list of C weights (the default
+    # space), or {label_space: "balanced" | [C weights]}. CE weights are normalised as torch's weight=.
+    class_weights: str | list | dict | None = None
     # finetuning
     finetuning_type: str = "lora"  # lora | full | freeze
     lora_rank: int = 16  # adapter rank r
@@ -59,7 +68,9 @@ class Config:
     freeze_multi_modal_projector: bool = True  # false: the same for the merger
     additional_target: str | None = None  # modules trained fully besides adapters, e.g. "visual.patch_embed"
     # data
-    train_datasets: list = field(default_factory=list)  # [{path, video_root, weight, label_space, name}]
+    # [{path, video_root, weight, label_space, name, frame_fps}]; frame_fps: the frame rate of the entry's
+    # frame-folder videos (a record's own `fps` wins; a video file's rate is its own)
+    train_datasets: list = field(default_factory=list)
     eval_datasets: list = field(default_factory=list)  # the same form; evaluated every eval_steps and at the end
     video_fps: float = 2.0  # frames sampled per second of video (LLaMA-Factory's default) ...
     video_maxlen: int = 128  # ... up to this many frames
@@ -98,7 +109,7 @@ class Config:
     resume: str | None = None  # "auto" (newest complete checkpoint in output_dir) or a checkpoint dir
     overwrite_output_dir: bool = False  # a fresh run in a folder another run trained in: delete that run first
     save_only_model: bool = False  # checkpoints without optimizer/RNG state: smaller, but a resume refuses them
-    metric_for_best_model: str = "top1"  # picks checkpoints/best: top1 | top5 | mean_class_acc | loss (eval_ ok)
+    metric_for_best_model: str = "top1"  # picks checkpoints/best: top1 | top5 | mean_class_acc | mAP | loss (eval_ ok)
     report_to: str | list = "tensorboard"  # none | tensorboard | wandb, or a list of them
     run_name: str | None = None  # the wandb run's name (default: output_dir's folder name)
     ddp_timeout: int = 1800  # seconds a collective (or the rendezvous) may wait for the other ranks
@@ -125,11 +136,11 @@ POSITIVE = ("num_action_classes", "lora_rank", "video_fps", "video_maxlen", "vid
 NON_NEGATIVE = ("max_bad_video_fraction", "weight_decay", "lora_dropout", "max_grad_norm", "warmup_ratio", "warmup_steps",
                 "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "action_token_lr_scale",
                 "head_lr_scale", "action_decoder_dropout", "action_cls_token_loss_weight", "val_size")
-DATASET_KEYS = {"path", "video_root", "weight", "label_space", "name", "columns", "tags"}
+DATASET_KEYS = {"path", "video_root", "weight", "label_space", "name", "columns", "tags", "frame_fps"}
 REPORT_TARGETS = ("none", "tensorboard", "wandb")
 # metric_for_best_model: the eval metric -> whether higher is better. LLaMA-Factory / HF Trainer
 # spell them with an `eval_` prefix, and call top-1 `accuracy`.
-BEST_METRICS = {"top1": True, "top5": True, "mean_class_acc": True, "loss": False}
+BEST_METRICS = {"top1": True, "top5": True, "mean_class_acc": True, "loss": False, "mAP": True}
 METRIC_ALIASES = {"accuracy": "top1", "acc": "top1"}
 SCHEDULER_KWARGS = {"polynomial": {"power", "lr_end"}}  # HF's get_polynomial_decay_schedule_with_warmup
 
@@ -226,7 +237,7 @@ def cross_key_problems(raw):
             problems.append(f"lr_scheduler_kwargs: expected numbers, got {kwargs}")
         elif type_ok(lr := raw.get("learning_rate", Config.learning_rate), float) and kwargs.get("lr_end", 0) >= lr:
             problems.append(f"lr_scheduler_kwargs: lr_end {kwargs['lr_end']} must be below learning_rate {lr}")
-    return problems + dataset_entry_problems(raw)
+    return problems + dataset_entry_problems(raw) + loss_problems(raw)
 
 
 def report_targets(report_to):
@@ -243,7 +254,7 @@ def best_metric(name):
 
 
 def dataset_entry_problems(raw):
-    problems = []
+    problems = label_space_problems(raw.get("label_spaces"))
     for key in ("train_datasets", "eval_datasets"):
         for i, entry in enumerate(raw.get(key) or []):
             if not isinstance(entry, dict) or "path" not in entry:
@@ -251,6 +262,52 @@ def dataset_entry_problems(raw):
             elif set(entry) - DATASET_KEYS:
                 problems.append(f"{key}[{i}]: unknown key(s) {sorted(set(entry) - DATASET_KEYS)}; "
                                 f"allowed: {sorted(DATASET_KEYS)}")
+            elif entry.get("frame_fps") is not None and not (type_ok(entry["frame_fps"], float) and entry["frame_fps"] > 0):
+                problems.append(f"{key}[{i}]: frame_fps must be a positive number (the frame rate of its frame "
+                                f"folders), got {entry['frame_fps']!r}")
+    return problems
+
+
+SPACE_KEYS = {"num_classes", "multi_label"}
+
+
+def label_space_problems(spaces):
+    """label_spaces: {name: num_classes} or {name: {num_classes: N, multi_label: bool}}."""
+    problems = []
+    for name, value in (spaces or {}).items() if isinstance(spaces, dict) else []:
+        if isinstance(value, dict):
+            if set(value) - SPACE_KEYS or "num_classes" not in value:
+                problems.append(f"label_spaces.{name}: expected {{num_classes: N, multi_label: true|false}}, got {value!r}")
+                continue
+            if not isinstance(value.get("multi_label", False), bool):
+                problems.append(f"label_spaces.{name}.multi_label: expected true or false, got {value['multi_label']!r}")
+            value = value["num_classes"]
+        if not type_ok(value, int) or value <= 0:
+            problems.append(f"label_spaces.{name}: the class count must be a whole number > 0, got {value!r}")
+    return problems
+
+
+def loss_problems(raw):
+    """label_smoothing_factor in [0, 1); class_weights "balanced", C positive weights for the default
+    space, or {label_space: either} for declared spaces of the right sizes."""
+    problems = []
+    smoothing = raw.get("label_smoothing_factor", 0.0)
+    if type_ok(smoothing, float) and not 0 <= smoothing < 1:
+        problems.append(f"label_smoothing_factor: must be in [0, 1), got {smoothing!r}")
+    weights = raw.get("class_weights")
+    if weights is None or label_space_problems(raw.get("label_spaces")):
+        return problems
+    sizes = {"default": raw.get("num_action_classes", Config.num_action_classes),
+             **{k: v["num_classes"] if isinstance(v, dict) else v for k, v in (raw.get("label_spaces") or {}).items()}}
+    by_space = weights if isinstance(weights, dict) else {"default": weights}
+    for space, w in by_space.items():
+        where = f"class_weights.{space}" if isinstance(weights, dict) else "class_weights"
+        if space not in sizes:
+            problems.append(f"{where}: no label space {space!r} (declared: {sorted(sizes)})")
+        elif w != "balanced" and not (isinstance(w, list) and all(type_ok(x, float) and x > 0 for x in w)):
+            problems.append(f"{where}: expected \"balanced\" or a list of {sizes[space]} positive weights, got {w!r}")
+        elif isinstance(w, list) and len(w) != sizes[space]:
+            problems.append(f"{where}: {len(w)} weights for the {sizes[space]} classes of label space {space!r}")
     return problems
 
 
@@ -332,7 +389,8 @@ def changed_keys(old, new, ignore=("resume", "overwrite_output_dir", "output_dir
 def head_sizes(cfg):
     """{label_space: num_classes}: "default" (num_action_classes) plus label_spaces; every dataset's
     label_space must be one of them."""
-    sizes = {"default": cfg.num_action_classes, **cfg.label_spaces}
+    sizes = {"default": cfg.num_action_classes,
+             **{name: v["num_classes"] if isinstance(v, dict) else v for name, v in cfg.label_spaces.items()}}
     for key in ("train_datasets", "eval_datasets"):
         for entry in getattr(cfg, key):
             space = entry.get("label_space", "default")
@@ -340,6 +398,23 @@ def head_sizes(cfg):
                 raise ConfigError(f"{key}: label_space {space!r} of {entry['path']} is not declared; "
                                   f"add it to label_spaces: {{{space}: NUM_CLASSES}}")
     return sizes
+
+
+def multi_label_spaces(cfg):
+    """The label spaces declared multi-label (`multi_label: true`, label_spaces' {multi_label: true})."""
+    spaces = {name for name, v in cfg.label_spaces.items() if isinstance(v, dict) and v.get("multi_label", False)}
+    return frozenset(spaces | ({"default"} if cfg.multi_label else set()))
+
+
+def class_weight_setting(cfg, space):
+    """class_weights for one label space: None, "balanced" or a list of weights ("balanced" alone is
+    for every space, a list for the default space, a mapping per space)."""
+    weights = cfg.class_weights
+    if isinstance(weights, dict):
+        return weights.get(space)
+    if isinstance(weights, list):
+        return weights if space == "default" else None
+    return weights
 
 
 def video_settings(cfg, geometry):

@@ -5,6 +5,8 @@ Record format (LLaMA-Factory sharegpt, a .json array or .jsonl lines):
                   {"role": "assistant", "content": "The action being performed is <ACT>."}],
      "videos": ["UCF101/ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi"], "action_label": 0}
 A relative video path resolves against the dataset's `video_root`, else the record file's folder.
+The video may be a frame folder (a directory of images, one frame each); its frame rate is the
+record's `fps`, else the dataset entry's `frame_fps`, and one of them must be given.
 Frames come from video.py (sampling, exact decoding, scaling, the cache).
 """
 
@@ -26,7 +28,8 @@ from chat import ACT_TOKEN, VIDEO_TOKEN, processor_inputs, prompt_messages, prom
 from config import ConfigError
 from llamafactory import renamed_record
 from model import vision_geometry
-from video import SINGLE_VIEW, DataError, VideoInfo, frame_size, load_sampled, num_frames_to_sample, probe_video
+from video import (SINGLE_VIEW, DataError, VideoInfo, frame_files, frame_size, load_sampled, num_frames_to_sample,
+                   probe_video)
 from video import decode_frames  # noqa: F401  (data.decode_frames: the frame decoder, importable from here too)
 
 # A user's mistake in a config, a dataset or a checkpoint: the scripts' main turns these into one message
@@ -43,9 +46,26 @@ MAX_REPORT = 20  # problems listed in one error; the rest are counted
 class Sample:
     video: str  # absolute path
     messages: list  # [{"role", "content"}], content with <video> and <ACT> placeholders
-    label: int | None
+    label: int | list | None  # a class index; a multi-label space's: the list of its positive classes
     label_space: str
     source: str  # "file:line" for error messages
+    fps: float | None = None  # a frame folder's frame rate (a video file has its own)
+
+
+@dataclass
+class EntryRules:
+    """How one dataset entry's records are read, beyond the file and its label space's size."""
+    rename: object = None  # record -> record in this format (a registry's columns: llamafactory.renamed_record)
+    frame_fps: float | None = None  # the entry's `frame_fps`: frame folders whose record has no `fps`
+    multi_label: bool = False  # the entry's label space is multi-label: action_label lists its classes
+
+
+@dataclass
+class Reading:
+    """What load_datasets asks of every entry's records."""
+    require_label: bool = True  # training needs labels; prediction and some evaluations do not
+    max_samples: int | None = None  # only each file's first N records (LLaMA-Factory's max_samples)
+    multi_label: frozenset = frozenset()  # the label spaces declared multi-label (config.multi_label_spaces)
 
 
 def read_records(path):
@@ -79,7 +99,7 @@ def read_records(path):
         yield from enumerate(records, 1)
 
 
-def record_problems(record, num_classes, require_label):
+def record_problems(record, num_classes, require_label, multi_label=False):
     """Everything wrong with one record, as short phrases (empty list: the record is fine)."""
     if not isinstance(record, dict):
         return [f"record is a {type(record).__name__}, expected an object"]
@@ -101,11 +121,31 @@ def record_problems(record, num_classes, require_label):
     if label is None:
         if require_label:
             problems.append("`action_label` is missing")
-    elif isinstance(label, bool) or not isinstance(label, int):
-        problems.append(f"`action_label` must be an int, got {label!r}")
-    elif not 0 <= label < num_classes:
-        problems.append(f"`action_label` {label} is outside [0, {num_classes}) (num_action_classes={num_classes})")
+    else:
+        problems += label_problems(label, num_classes, multi_label)
+    fps = record.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+        problems.append(f"`fps` must be a positive number (a frame folder's frame rate), got {fps!r}")
     return problems
+
+
+def label_problems(label, num_classes, multi_label):
+    """A single-label space takes a class index; a multi-label one a list of distinct class indices
+    (an empty list: no action of the space happens) or one index."""
+    if isinstance(label, list) and not multi_label:
+        return [f"`action_label` is a list {label!r}, but this label space is single-label: declare it "
+                f"multi-label (`multi_label: true` for the default space; label_spaces: {{NAME: {{num_classes: N, "
+                f"multi_label: true}}}}), or give one class"]
+    labels = label if isinstance(label, list) else [label]
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in labels):
+        return [f"`action_label` must be {'class indices' if multi_label else 'an int'}, got {label!r}"]
+    outside = [x for x in labels if not 0 <= x < num_classes]
+    if outside:
+        return [f"`action_label` {outside[0]} is outside [0, {num_classes}) (num_action_classes={num_classes}, or the "
+                f"label space's num_classes)"]
+    if len(set(labels)) < len(labels):
+        return [f"`action_label` {label!r} lists a class twice"]
+    return []
 
 
 def resolve_video(path, video_root, record_file):
@@ -119,25 +159,37 @@ def resolve_video(path, video_root, record_file):
 
 
 def load_samples(path, video_root, num_classes, label_space="default", require_label=True, max_samples=None,
-                 rename=None):
+                 rules=None):
     """Reads and validates a whole dataset file up front, so a bad record fails the run before any
     GPU time is spent. All problems are collected and reported together, with file:line.
     `max_samples`: only the file's first N records (LLaMA-Factory's max_samples), the rest unread.
-    `rename`: record -> record in this format (a registry's own columns and tags: llamafactory.renamed_record).
+    `rules`: the dataset entry's EntryRules (its column renaming, frame_fps).
 
     Returns (samples, bad_videos): records whose video file is missing or empty are not errors here
-    but listed in bad_videos, so the caller can apply its tolerance (max_bad_video_fraction)."""
+    but listed in bad_videos, so the caller can apply its tolerance (max_bad_video_fraction). A frame
+    folder is listed (its frames checked for gaps) here; a folder with a problem is an error, since
+    it is the extraction that needs redoing, not a download that can be tolerated."""
+    rules = rules if rules is not None else EntryRules()
     samples, problems, bad_videos = [], [], []
     for lineno, record in itertools.islice(read_records(path), max_samples):
         where = f"{path}:{lineno}"
-        if rename is not None:
-            record = rename(record)
-        found = record_problems(record, num_classes, require_label)
+        if rules.rename is not None:
+            record = rules.rename(record)
+        found = record_problems(record, num_classes, require_label, rules.multi_label)
         problems += [f"{where}: {p}" for p in found]
         if found:
             continue
         video = resolve_video(record["videos"][0], video_root, path)
-        if not os.path.isfile(video):
+        label = record.get("action_label")
+        if rules.multi_label and isinstance(label, int):
+            record = {**record, "action_label": [label]}
+        fps = record.get("fps") if record.get("fps") is not None else rules.frame_fps
+        if os.path.isdir(video):
+            found = frame_folder_problems(video, fps)
+            problems += [f"{where}: {p}" for p in found]
+            if not found:
+                samples.append(Sample(video, record["messages"], record.get("action_label"), label_space, where, fps))
+        elif not os.path.isfile(video):
             bad_videos.append(f"{where}: video {video} not found")
         elif os.path.getsize(video) == 0:
             bad_videos.append(f"{where}: video {video} is empty (0 bytes)")
@@ -149,6 +201,19 @@ def load_samples(path, video_root, num_classes, label_space="default", require_l
     if not samples and not bad_videos:
         raise DataError(f"{path}: no records")
     return samples, bad_videos
+
+
+def frame_folder_problems(folder, fps):
+    """What stops a frame folder from being read: no frame rate (never guessed), no frames, a gap."""
+    problems = []
+    if fps is None:
+        problems.append(f"video {folder} is a frame folder, which has no frame rate of its own: give it as "
+                        f"`fps` in the record, or as `frame_fps` in the dataset entry")
+    try:
+        frame_files(folder)
+    except DataError as e:
+        problems.append(str(e))
+    return problems
 
 
 def check_bad_videos(bad_videos, total, max_fraction):
@@ -184,7 +249,8 @@ class Item:
 class Batch:
     """What the Collator makes of a list of Items: one label space, the model's inputs and the rest."""
     inputs: dict  # model inputs: every tensor the processor returns, act_index (B,), answer_mask (B, L) if asked
-    labels: torch.Tensor  # (B,) class index; -100 where nothing counts (no label, or a stand-in)
+    labels: torch.Tensor  # (B,) class index; -100 where nothing counts (no label, or a stand-in); multi-label:
+    # (B, K) each row's positive classes padded with -1 (label_tensor)
     label_space: str  # which head the batch goes through
     index: torch.Tensor  # (B,) Item.index
     sources: list  # "file:line" of each record
@@ -216,7 +282,8 @@ class VideoDataset(torch.utils.data.Dataset):
                 continue
             rng = np.random.default_rng([self.seed, epoch, i]) if train else None
             try:
-                info, indices, frames = load_sampled(self.samples[i].video, self.settings, rng, view)
+                info, indices, frames = load_sampled(self.samples[i].video, self.settings, rng, view,
+                                                     self.samples[i].fps)
             except DataError as e:
                 skipped.append(f"{self.samples[i].source}: {e}")
                 continue
@@ -284,9 +351,18 @@ class Collator:
             counts = [answer_token_count(self.processor.tokenizer, prompt, answer, it.sample.source)
                       for (prompt, answer), it in zip(turns, items)]
             inputs["answer_mask"] = answer_mask(batch["attention_mask"], torch.tensor(counts))
-        return Batch(inputs, torch.tensor([-100 if label is None else label for label in labels]), spaces.pop(),
+        return Batch(inputs, label_tensor(labels), spaces.pop(),
                      torch.tensor([it.index for it in items]), [it.sample.source for it in items],
                      torch.tensor([it.valid for it in items]), [msg for it in items for msg in it.skipped])
+
+
+def label_tensor(labels):
+    """Sample labels (None: nothing counts) -> (B,) class indices, -100 for None; or, when any label is
+    a list (a multi-label space), (B, K) rows of positive classes padded with -1, -100 rows for None."""
+    if not any(isinstance(label, list) for label in labels):
+        return torch.tensor([-100 if label is None else label for label in labels])
+    width = max([1] + [len(label) for label in labels if label is not None])
+    return torch.tensor([[-100] * width if label is None else label + [-1] * (width - len(label)) for label in labels])
 
 
 def answer_mask(attention_mask, counts):
@@ -307,7 +383,7 @@ def sample_lengths(dataset, text_per_group=0):
     s = dataset.settings
     lengths = []
     for sample in dataset.samples:
-        info = probe_video(sample.video)
+        info = probe_video(sample.video, sample.fps)
         n = num_frames_to_sample(info, s.video_fps, s.video_maxlen, s.video_num_frames, s.temporal_patch_size)
         height, width = frame_size(info, *s.budget)
         groups = n // s.temporal_patch_size
@@ -368,16 +444,17 @@ def read_class_names(path, num_classes, space):
     return names
 
 
-def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0, require_label=True,
-                  max_samples=None):
+def load_datasets(entries, head_sizes, settings, max_bad_video_fraction, seed=0, reading=None):
+    reading = reading if reading is not None else Reading()
     samples, counts, weights, names, spaces, classes, bad_videos = [], [], [], [], [], {}, []
     for entry in entries:
         space = entry.get("label_space", "default")
         spaces.append(space)
         renaming = entry.get("columns") or entry.get("tags")
         rename = (lambda r, e=entry: renamed_record(r, e.get("columns"), e.get("tags"))) if renaming else None
-        part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, require_label,
-                                 max_samples, rename)
+        part, bad = load_samples(entry["path"], entry.get("video_root"), head_sizes[space], space, reading.require_label,
+                                 reading.max_samples, EntryRules(rename, entry.get("frame_fps"),
+                                                                 space in reading.multi_label))
         samples, bad_videos = samples + part, bad_videos + bad
         counts.append(len(part))
         weights.append(float(entry.get("weight", 1.0)))

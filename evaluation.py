@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from checkpoint import write_atomically, write_text
-from config import head_sizes
+from config import head_sizes, multi_label_spaces
 from batch_plan import PADDING, eval_plan
 from data import make_loader
 from distributed import all_gather, all_reduce_sums
@@ -50,22 +50,34 @@ def eval_loader(mix, collate, cfg, world, rank):
 
 
 @torch.no_grad()
-def batch_probabilities(model, batch, num_views, context, device):
-    """One batch's softmax probabilities divided by the view count (a view's share of the average),
-    float64 on the CPU: (B, num_classes). `context`: autocast or nullcontext."""
+def batch_probabilities(model, batch, num_views, context, device, multi_label=False):
+    """One batch's probabilities divided by the view count (a view's share of the average), float64
+    on the CPU: (B, num_classes); softmax, or in a multi-label space each class's sigmoid. `context`:
+    autocast or nullcontext."""
     with context:
         logits = model(batch.label_space, **{k: v.to(device) for k, v in batch.inputs.items()}).float()
-    return logits.softmax(-1).cpu().double() / num_views
+    probs = logits.sigmoid() if multi_label else logits.softmax(-1)
+    return probs.cpu().double() / num_views
 
 
-def averaged_views(model, loader, num_views, context, device, skipped):
+def row_label(labels, row):
+    """A Batch's label of one row: the class index, or -1 when nothing counts; in a multi-label space
+    (2-D labels) the list of positive classes, or -1."""
+    if labels.dim() == 1:
+        return max(labels[row].item(), -1)
+    values = labels[row].tolist()
+    return -1 if values[0] == -100 else [c for c in values if c >= 0]
+
+
+def averaged_views(model, loader, num_views, context, device, skipped, multi_label=frozenset()):
     """Yields (index, probabilities, label or -1, record, readable) for each sample as soon as all
-    `num_views` of its views have gone through the model: softmax probabilities averaged over the
-    views. Evaluation and inference both average this way. `readable` is False when another
-    sample stood in for its video in any view; `skipped` collects those videos' messages."""
+    `num_views` of its views have gone through the model: softmax probabilities (sigmoid in the
+    spaces of `multi_label`) averaged over the views. Evaluation and inference both average this
+    way. `readable` is False when another sample stood in for its video in any view; `skipped`
+    collects those videos' messages."""
     totals, seen, unreadable = {}, {}, set()
     for batch in loader:
-        probs = batch_probabilities(model, batch, num_views, context, device)
+        probs = batch_probabilities(model, batch, num_views, context, device, batch.label_space in multi_label)
         skipped.extend(batch.skipped)
         for row, (index, valid) in enumerate(zip(batch.index.tolist(), batch.valid.tolist())):
             if index == PADDING:  # FSDP2's padding batch: run for the collectives only
@@ -75,18 +87,18 @@ def averaged_views(model, loader, num_views, context, device, skipped):
             if not valid:  # another video stood in for it: its probabilities are not this video's
                 unreadable.add(index)
             if seen[index] == num_views:
-                label = batch.labels[row].item()
-                yield index, totals.pop(index), max(label, -1), batch.sources[row], index not in unreadable
+                yield index, totals.pop(index), row_label(batch.labels, row), batch.sources[row], index not in unreadable
 
 
-def view_probabilities(model, loader, num_views, context, device):
+def view_probabilities(model, loader, num_views, context, device, multi_label=frozenset()):
     """Softmax probabilities averaged over the views, for every sample the loader yields (each
     sample once per view): {index: (probabilities, label or -1, record, readable)}. Also returns
     the messages of unreadable videos (another sample stood in for them; they count nowhere)."""
     was_training = model.training
     model.eval()
     skipped = []
-    out = {index: rest for index, *rest in averaged_views(model, loader, num_views, context, device, skipped)}
+    out = {index: rest for index, *rest in averaged_views(model, loader, num_views, context, device, skipped,
+                                                          multi_label)}
     model.train(was_training)
     return out, sorted(set(skipped))
 
@@ -96,13 +108,20 @@ def evaluate(model, loader, mix, cfg, device):
     accuracy, count, and the confusion matrix; reduced across ranks as sums. A collective: every
     rank calls it. Returns (results by dataset name, this rank's probabilities, skipped videos of
     every rank)."""
-    probs, skipped = view_probabilities(model, loader, len(eval_views(cfg)), autocast(cfg, device), device)
+    multi = multi_label_spaces(cfg)
+    probs, skipped = view_probabilities(model, loader, len(eval_views(cfg)), autocast(cfg, device), device, multi)
     sizes, results = head_sizes(cfg), {}
     for d, (name, space) in enumerate(zip(mix.names, mix.spaces)):  # the same order on every rank
         n = sizes[space]
+        if space in multi:
+            scored = [(p, label) for index, (p, label, _, _) in probs.items() if label != -1 and mix.entry_of(index) == d]
+            gathered = [pair for part in all_gather(scored) for pair in part]
+            if gathered:
+                results[name] = multi_label_summary(space, gathered, n)
+            continue
         stats = torch.zeros(2 + n * n, dtype=torch.float64)  # loss sum, top-5 hits, confusion (true, predicted)
         for index, (p, label, _, _) in probs.items():
-            if label < 0 or mix.entry_of(index) != d:
+            if mix.entry_of(index) != d or label < 0:  # in this order: another space's label may be a list
                 continue
             stats[0] -= math.log(max(p[label].item(), 1e-12))
             stats[1] += float(label in p.topk(min(5, n)).indices)
@@ -113,6 +132,43 @@ def evaluate(model, loader, mix, cfg, device):
         if count:
             results[name] = summarize(space, stats[0].item(), stats[1].item(), confusion)
     return results, probs, sorted(set().union(*all_gather(skipped)))
+
+
+def average_precision(scores, positives):
+    """AP of one class, as sklearn's average_precision_score: sum over the distinct score thresholds,
+    highest first, of (recall gained) x (precision there); tied scores are one threshold. None when
+    the class has no positive (AP is undefined)."""
+    scores, positives = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(positives, dtype=torch.float64)
+    if positives.sum() == 0:
+        return None
+    order = torch.argsort(scores, descending=True, stable=True)
+    scores, positives = scores[order], positives[order]
+    last = torch.cat([scores[1:] != scores[:-1], torch.tensor([True])])  # each tie group's last position
+    hits = positives.cumsum(0)[last]
+    precision = hits / (torch.arange(1, len(scores) + 1, dtype=torch.float64)[last])
+    recall = hits / positives.sum()
+    gained = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
+    return (gained * precision).sum().item()
+
+
+def multi_label_summary(space, scored, num_classes):
+    """A multi-label dataset's metrics from [(sigmoid probabilities (C,), positive classes)]: mAP over
+    the classes that have a positive (those without are left out and counted), per-class AP (None
+    for those), top-1 / top-5 (a positive among the highest-scoring 1 / 5), and the loss (BCE of the
+    view-averaged probabilities, per class and sample)."""
+    probs = torch.stack([p for p, _ in scored])
+    targets = torch.zeros_like(probs)
+    for row, (_, positives) in enumerate(scored):
+        targets[row, positives] = 1
+    per_class = [average_precision(probs[:, c], targets[:, c]) for c in range(num_classes)]
+    defined = [ap for ap in per_class if ap is not None]
+    top5 = probs.topk(min(5, num_classes), dim=1).indices
+    loss = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-12, 1 - 1e-12), targets).item()
+    return {"label_space": space, "multi_label": True, "loss": loss,
+            "mAP": sum(defined) / len(defined) if defined else float("nan"),
+            "top1": targets.gather(1, probs.argmax(1, keepdim=True)).mean().item(),
+            "top5": (targets.gather(1, top5).sum(1) > 0).double().mean().item(),
+            "per_class_ap": per_class, "classes_without_positives": num_classes - len(defined), "count": len(scored)}
 
 
 def summarize(space, loss_sum, top5_hits, confusion):
@@ -215,6 +271,13 @@ def prediction_rows(probs, samples):
     return rows
 
 
+def multi_label_report(r, names):
+    """eval.json's entry of a multi-label dataset: the metrics, and each class's AP by name (null:
+    no positive in the set, left out of mAP)."""
+    return {**{k: v for k, v in r.items() if k != "per_class_ap"},
+            "per_class": {names[c]: {"ap": ap} for c, ap in enumerate(r["per_class_ap"])}}
+
+
 def write_eval_outputs(cfg, mix, results, rows, skipped):
     from PIL import Image
 
@@ -224,6 +287,12 @@ def write_eval_outputs(cfg, mix, results, rows, skipped):
                                                          "video_min_pixels", "video_max_pixels")},
                "skipped_videos": skipped, "datasets": {}}
     for name, r in results.items():
+        if r.get("multi_label"):
+            summary["datasets"][name] = multi_label_report(r, class_names(mix.classes, r["label_space"],
+                                                                          len(r["per_class_ap"])))
+            print(f"{name}: mAP {r['mAP']:.4f} ({r['classes_without_positives']} classes without positives left "
+                  f"out) top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f} ({r['count']} samples)")
+            continue
         names = class_names(mix.classes, r["label_space"], len(r["confusion"]))
         confusion = r["confusion"]
         per_class = {names[c]: {"accuracy": (confusion[c, c] / confusion[c].sum()).item(), "count": int(confusion[c].sum())}

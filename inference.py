@@ -21,8 +21,8 @@ import torch
 
 from checkpoint import (CONFIG_FILE, EXPORT_FILE, EXPORT_FORMAT, CheckpointError, folder_kind, load_weights,
                         read_classes, read_json)
-from config import ConfigError, head_sizes, saved_config, video_settings
-from data import Collator, DataError, Sample, VideoDataset, load_samples, make_loader
+from config import ConfigError, head_sizes, multi_label_spaces, saved_config, video_settings
+from data import Collator, DataError, EntryRules, Sample, VideoDataset, load_samples, make_loader
 from evaluation import averaged_views, class_names, eval_views
 from model import ACT_TOKEN, build_classifier, load_exported, load_processor, vision_geometry
 from prepare.records import DEFAULT_MESSAGES
@@ -43,6 +43,7 @@ class VideoClassifier:
     prompt: list  # sharegpt messages with <video> and <ACT>, for videos given without a record
     bf16_autocast: bool  # a checkpoint trained with bf16 evaluates under autocast, as train.py does
     device: torch.device
+    multi_label: frozenset = frozenset()  # label spaces whose head is multi-label: per-class sigmoid probabilities
 
     @classmethod
     def from_pretrained(cls, path, device=None, fp32=False, backbone_weights=True):
@@ -73,7 +74,7 @@ class VideoClassifier:
         load_weights(model, checkpoint)
         model = model.to(device) if backbone_weights else model  # a meta tensor cannot move
         return cls(model.eval(), processor, classes, video_settings(cfg, vision_geometry(processor)), eval_views(cfg), DEFAULT_MESSAGES,
-                   cfg.bf16, device)
+                   cfg.bf16, device, multi_label_spaces(cfg))
 
     @classmethod
     def from_export(cls, directory, device):
@@ -95,14 +96,16 @@ class VideoClassifier:
         classes = {space: read_json(os.path.join(directory, "heads", space, "classes.json")) for space in spaces}
         views = [tuple(v) for v in manifest["views"]]
         return cls(model.to(device).eval(), processor, classes, VideoSettings(**manifest["video"]), views,
-                   manifest["prompt"], False, device)
+                   manifest["prompt"], False, device, frozenset(manifest.get("multi_label", [])))
 
     def manifest(self, dtype, source):
         """What export.py writes to actcls.json: everything from_export needs besides the HF files."""
         video = {**dataclasses.asdict(self.settings), "video_cache_dir": None}  # a path of the training machine
         return {"format": EXPORT_FORMAT, "act_token": ACT_TOKEN, "act_token_id": self.model.act_token_id,
                 "dtype": dtype, "heads": {space: len(names) for space, names in self.classes.items()},
-                "video": video, "views": [list(v) for v in self.views], "prompt": self.prompt, "source": source}
+                "video": video, "views": [list(v) for v in self.views], "prompt": self.prompt, "source": source,
+                # only when there is one, so a single-label export's file stays what older versions wrote
+                **({"multi_label": sorted(self.multi_label)} if self.multi_label else {})}
 
     def label_space(self, name=None):
         """`name`, or the only head / "default"."""
@@ -120,7 +123,8 @@ class VideoClassifier:
         samples = []
         for path in inputs:
             if path.endswith((".jsonl", ".json")):
-                found, bad = load_samples(path, None, len(self.classes[space]), space, require_label=False)
+                found, bad = load_samples(path, None, len(self.classes[space]), space, require_label=False,
+                                          rules=EntryRules(multi_label=space in self.multi_label))
                 samples += found
                 if bad:
                     print(f"skipping {len(bad)} record(s) whose video is missing or empty:\n" + "\n".join(bad),
@@ -145,7 +149,8 @@ class VideoClassifier:
         loader = make_loader(VideoDataset(samples, self.settings), plan, collate, num_workers, seed=0)
         context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16_autocast else nullcontext()
         ready, messages, done = {}, [], 0
-        for index, p, _, _, readable in averaged_views(self.model, loader, len(views), context, self.device, messages):
+        for index, p, _, _, readable in averaged_views(self.model, loader, len(views), context, self.device, messages,
+                                                       self.multi_label):
             ready[index] = p, readable
             while done in ready:  # emit in input order
                 (p, readable), sample = ready.pop(done), samples[done]
@@ -157,15 +162,27 @@ class VideoClassifier:
                     yield sample, list(zip(top.indices.tolist(), top.values.tolist())), None
                 done += 1
 
-    def predict(self, videos, top_k=5, label_space=None, batch_size=8, num_workers=0):
+    def predict(self, videos, top_k=5, label_space=None, batch_size=8, num_workers=0, threshold=None):
         """[{"video", "top": [(class name, probability), ...]}] in the order given, or
-        {"video", "error"} for a video that cannot be read."""
+        {"video", "error"} for a video that cannot be read. A multi-label space's probabilities are
+        each class's own (sigmoid): its rows also hold "probs" {class name: probability} of every
+        class and "chosen", the classes at or above `threshold` (default 0.5); a single-label space
+        gets "chosen" when a threshold is given."""
         space = self.label_space(label_space)
-        names = self.classes[space]
+        names, multi = self.classes[space], space in self.multi_label
+        threshold = threshold if threshold is not None else (0.5 if multi else None)
         results = []
-        for sample, top, error in self.stream(self.samples(videos, space), top_k, batch_size, num_workers):
-            results.append({"video": sample.video, "error": error} if top is None else
-                           {"video": sample.video, "top": [(names[c], p) for c, p in top]})
+        for sample, top, error in self.stream(self.samples(videos, space), len(names) if multi else top_k, batch_size,
+                                              num_workers):
+            if top is None:
+                results.append({"video": sample.video, "error": error})
+                continue
+            row = {"video": sample.video, "top": [(names[c], p) for c, p in top[:top_k]]}
+            if multi:
+                row["probs"] = {names[c]: p for c, p in sorted(top)}
+            if threshold is not None:
+                row["chosen"] = [names[c] for c, p in top if p >= threshold]
+            results.append(row)
         return results
 
 

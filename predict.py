@@ -6,7 +6,13 @@
     python predict.py --checkpoint exports/ucf101 data/test.jsonl --out results.jsonl --num_workers 4
 
 Frames are sampled as in evaluation (segment centres, the model's video settings); the prompt is
-the fixed training phrasing unless the input is a .jsonl of records, whose own messages are used.
+the fixed training phrasing unless the input is a .jsonl of records, whose own messages are used
+(a record's video may be a frame folder, with its `fps`).
+
+A multi-label head (multi_label / label_spaces' multi_label: true) gives each class its own
+probability (sigmoid): the output lists every class's ("probs" in JSON) and the chosen set, the
+classes at or above `--threshold` (default 0.5); with a single-label head `--threshold T` adds the
+classes whose softmax probability is at least T.
 
 `--out FILE.jsonl` is for volume: one JSON line per video, written as it finishes (a crash or Ctrl-C
 keeps what is done; the same command again skips the videos already in FILE), a progress bar, and
@@ -33,6 +39,8 @@ def main(argv=None):
     p.add_argument("inputs", nargs="+", help="video files, folders of videos, or .jsonl/.json record files")
     p.add_argument("--label_space", default=None, help="which head to use (default: the only one / 'default')")
     p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="the chosen classes: probability >= this (multi-label heads: default 0.5)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding videos (0: in this process)")
     p.add_argument("--json", action="store_true", help="one JSON object per video on stdout")
@@ -59,26 +67,42 @@ def classify(args):
     space = clf.label_space(args.label_space)
     names = clf.classes[space]
     samples = clf.samples(args.inputs, space)
+    args.multi_label = space in clf.multi_label
+    if args.multi_label and args.threshold is None:
+        args.threshold = 0.5
     if args.out is not None:
         return classify_to_file(clf, samples, names, args)
-    for sample, top, error in clf.stream(samples, args.top_k, args.batch_size, args.num_workers):
+    for sample, top, error in clf.stream(samples, scored_classes(args, names), args.batch_size, args.num_workers):
         if top is None:
             print(f"unreadable video: {error}", file=sys.stderr)
         if args.json:
-            print(json.dumps(result_row(sample, top, names, error)))
+            print(json.dumps(result_row(sample, top, names, error, args)))
         elif top is None:
             print(f"{sample.video}\n  unreadable video (see the warning above)")
         else:
             print(sample.video)
-            for c, pr in top:
+            for c, pr in top[:args.top_k]:
                 print(f"  {pr:7.2%}  {names[c]}")
+            if args.threshold is not None:
+                print(f"  chosen (>= {args.threshold}): {', '.join(names[c] for c, pr in top if pr >= args.threshold)}")
 
 
-def result_row(sample, top, names, error):
+def scored_classes(args, names):
+    """How many classes stream returns per video: all of a multi-label head's (the output lists each
+    class's probability) and all when a threshold picks the chosen set, else top_k."""
+    return len(names) if args.multi_label or args.threshold is not None else args.top_k
+
+
+def result_row(sample, top, names, error, args):
     row = {"video": sample.video, "label": sample.label}
     if top is None:
         return {**row, "error": error}
-    return {**row, "top": [{"class": names[c], "index": c, "prob": round(pr, 6)} for c, pr in top]}
+    row["top"] = [{"class": names[c], "index": c, "prob": round(pr, 6)} for c, pr in top[:args.top_k]]
+    if args.multi_label:
+        row["probs"] = {names[c]: round(pr, 6) for c, pr in sorted(top)}
+    if args.threshold is not None:
+        row["chosen"] = [names[c] for c, pr in top if pr >= args.threshold]
+    return row
 
 
 def finished_videos(path):
@@ -109,8 +133,8 @@ def classify_to_file(clf, samples, names, args):
     t0, errors = time.time(), 0
     try:
         with open(args.out, "a", encoding="utf-8") as out:
-            for sample, top, error in clf.stream(todo, args.top_k, args.batch_size, args.num_workers):
-                out.write(json.dumps(result_row(sample, top, names, error)) + "\n")
+            for sample, top, error in clf.stream(todo, scored_classes(args, names), args.batch_size, args.num_workers):
+                out.write(json.dumps(result_row(sample, top, names, error, args)) + "\n")
                 out.flush()  # a crash keeps every finished line
                 errors += top is None
                 bar.update(1)

@@ -16,20 +16,20 @@ import sys
 import time
 import typing
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
 import distributed
 import run_folder
-from config import (Config, ConfigError, best_metric, changed_keys, head_sizes, saved_config, video_settings,
-                    write_config)
+from config import (Config, ConfigError, best_metric, changed_keys, class_weight_setting, head_sizes,
+                    multi_label_spaces, saved_config, video_settings, write_config)
 from batch_plan import StepLayout, resumed_position, steps_per_epoch
-from data import USER_ERRORS, Collator, DatasetMix, batch_stream, hold_out, load_datasets
+from data import USER_ERRORS, Collator, DatasetMix, Reading, batch_stream, hold_out, load_datasets
+from losses import LossSettings, class_weights, head_loss, multi_label_hits
 from distributed import all_gather, all_reduce_sums, print0
 from evaluation import (autocast, class_names, confusion_image, eval_loader, evaluate, prediction_rows,
                         write_eval_outputs)
@@ -94,12 +94,14 @@ class Run:
     log: "MetricsLog"
     stop: "StopSignal"
     state: dict  # step, epoch, position (where the next batch comes from), best_metric: what a checkpoint keeps
+    losses: dict = field(default_factory=dict)  # label_space -> losses.LossSettings (loss_settings)
 
 
 def load_mix(cfg, entries, geometry):
     training = entries is cfg.train_datasets
+    reading = Reading(training, cfg.max_samples if training else None, multi_label_spaces(cfg))
     mix = load_datasets(entries, head_sizes(cfg), video_settings(cfg, geometry), cfg.max_bad_video_fraction, cfg.seed,
-                        require_label=training, max_samples=cfg.max_samples if training else None)
+                        reading)
     if mix.warning is not None:
         print0(mix.warning)
     return mix
@@ -151,7 +153,8 @@ def train(cfg, rank, world, device):
     batches = batch_stream(train_mix, train_collate, cfg, layout, (state["epoch"], state["position"]))
     run = Run(cfg, rank, world, device, model, wrapped, optimizer, scheduler, batches, train_mix, eval_mix, evals,
               classes={**(eval_mix.classes if eval_mix else {}), **train_mix.classes}, steps=steps,
-              log=MetricsLog(cfg, rank == 0, after_step=state["step"]), stop=StopSignal(rank), state=state)
+              log=MetricsLog(cfg, rank == 0, after_step=state["step"]), stop=StopSignal(rank), state=state,
+              losses=loss_settings(cfg, train_mix))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{len(train_mix.dataset)} train samples, {world} rank(s), {steps} steps, {n_train:,} trainable parameters")
     try:
@@ -265,20 +268,40 @@ class Tally:
         return self.correct / self.count
 
 
+def loss_settings(cfg, mix):
+    """{label_space: losses.LossSettings}: the type, label_smoothing_factor and class_weights
+    ("balanced": from the training labels of that space), printed when weighted."""
+    multi, settings = multi_label_spaces(cfg), {}
+    for space, n in head_sizes(cfg).items():
+        setting = class_weight_setting(cfg, space)
+        labels = [s.label for s in mix.dataset.samples if s.label_space == space]
+        w = class_weights(setting, labels, n, space in multi)
+        settings[space] = LossSettings(cfg.label_smoothing_factor, w, space in multi, setting == "balanced")
+        if w is not None:
+            kind = "BCE pos_weight" if space in multi and setting == "balanced" else "class weights"
+            print0(f"{kind} of label space {space!r} ({setting if isinstance(setting, str) else 'given'}): "
+                   f"{[round(x, 4) for x in w.tolist()]}")
+    return settings
+
+
 def train_micro_step(run, batch):
-    """Backward of CE (+ action_cls_token_loss_weight x the answer's LM loss, when the batch carries
-    answer_mask). The Tally counts the CE alone, comparable to the evaluation loss."""
+    """Backward of the head's loss (CE, or BCE in a multi-label space: losses.head_loss) (+
+    action_cls_token_loss_weight x the answer's LM loss, when the batch carries answer_mask). The
+    Tally counts the head's loss alone; top-1 of a multi-label row: its best class is a positive."""
     with autocast(run.cfg, run.device):
         out = run.wrapped(batch.label_space, **to_device(batch.inputs, run.device))
     logits, lm_loss = out if isinstance(out, tuple) else (out, None)
     labels = batch.labels.to(run.device)
-    loss = F.cross_entropy(logits.float(), labels)
+    settings = run.losses[batch.label_space]
+    loss = head_loss(logits, labels, settings)
     total = loss if lm_loss is None else loss + run.cfg.action_cls_token_loss_weight * lm_loss
     (total / run.cfg.gradient_accumulation_steps).backward()
     ce = loss.item()
     if lm_loss is not None and not math.isfinite(lm_loss.item()):
         ce = math.nan  # so a non-finite LM loss stops the run as a non-finite CE does
-    return Tally(ce * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels))
+    count, correct = (multi_label_hits(logits, labels) if settings.multi_label else
+                      (len(labels), (logits.argmax(1) == labels).sum().item()))
+    return Tally(ce * count, correct, count)
 
 
 def train_step(run, skipped):
@@ -381,7 +404,8 @@ def evaluate_and_track_best(run):
     results, _, skipped = evaluate(run.wrapped, run.evals, run.eval_mix, run.cfg, run.device)
     log_evaluation(run, results, skipped)
     key, higher_is_better = best_metric(run.cfg.metric_for_best_model)
-    value = sum(r[key] for r in results.values()) / max(1, len(results))
+    values = [r[key] for r in results.values() if key in r]  # mAP: multi-label datasets only, mean_class_acc: single
+    value = sum(values) / max(1, len(values))
     best = run.state["best_metric"]
     new_best = best is None or (value > best if higher_is_better else value < best)
     if new_best:
@@ -401,6 +425,9 @@ def compare_best_by(cfg, state):
 def log_evaluation(run, results, skipped):
     step = run.state["step"]
     for name, r in results.items():
+        if r.get("multi_label"):
+            log_multi_label(run, name, r, len(skipped))
+            continue
         scalars = {k: v for k, v in r.items() if k != "confusion"}
         run.log.log(step, "val", dataset=name, **scalars, skipped_videos=len(skipped))
         names = class_names(run.classes, r["label_space"], len(r["confusion"]))
@@ -409,6 +436,15 @@ def log_evaluation(run, results, skipped):
                f"mean class acc {r['mean_class_acc']:.4f} ({r['count']} samples)")
     for message in skipped:
         print0(f"skipped unreadable video: {message}")
+
+
+def log_multi_label(run, name, r, num_skipped):
+    """A multi-label dataset's eval line: mAP, per-class AP (null where a class has no positive), top-1/5."""
+    run.log.log(run.state["step"], "val", dataset=name, **{k: v for k, v in r.items() if k != "multi_label"},
+                skipped_videos=num_skipped)
+    print0(f"step {run.state['step']} val[{name}] loss {r['loss']:.4f} mAP {r['mAP']:.4f} top1 {r['top1']:.4f} "
+           f"top5 {r['top5']:.4f} ({r['count']} samples; {r['classes_without_positives']} classes without positives "
+           f"left out of mAP)")
 
 
 def log_train(run, window, num_skipped, elapsed):

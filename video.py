@@ -1,11 +1,16 @@
-"""Video files -> exactly the sampled frames, scaled, as uint8 RGB arrays. No project imports.
+"""Video files and frame folders -> exactly the sampled frames, scaled, as uint8 RGB arrays. No
+project imports.
 
-    probe_video(path) -> VideoInfo (frame count, fps, size)
+    probe_video(path, fps=None) -> VideoInfo (frame count, fps, size)
     decode_frames(path, indices, size=None) -> (T, H, W, 3) uint8, exactly the frames at those indices
-    load_sampled(path, settings, rng, view) -> (info, indices, frames): what a dataset item needs
+    load_sampled(path, settings, rng, view, fps) -> (info, indices, frames): what a dataset item needs
     cached_clip(...)  the opt-in cache of decoded, resized frames (`video_cache_dir`)
+    frame_files(folder) -> the frame images of a frame folder, in frame order
 
-A video that cannot be read raises DataError naming the file.
+`path` is a video file or a frame folder (a directory of images, one frame each: img_00001.jpg,
+00001.jpg, frame_000001.png, ...); a folder has no frame rate of its own, so `fps` gives it (the
+record's `fps`, or the dataset entry's `frame_fps`); a video file's own rate always wins. A video that
+cannot be read raises DataError naming the file (for a folder: the frame).
 """
 
 import contextlib
@@ -13,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import threading
 import warnings
@@ -20,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import av
 import numpy as np
+from PIL import Image
 from av.video.reformatter import Interpolation, VideoReformatter
 
 
@@ -149,14 +156,7 @@ class _VideoFile:
 
     def decode(self, indices, size=None):
         """See decode_frames."""
-        indices = [int(i) for i in np.asarray(indices).reshape(-1)]
-        if not indices:
-            raise DataError(f"{self.path}: no frame indices to decode")
-        n = self.info.num_frames
-        bad = [i for i in indices if not 0 <= i < n]
-        if bad:
-            raise DataError(f"{self.path}: frame index {bad[0]} is out of range: the video has {n} frames "
-                            f"(valid indices 0..{n - 1})")
+        indices = _checked_indices(self.path, indices, self.info.num_frames)
         convert = _Converter(size)
         wanted = set(indices)
         try:
@@ -255,28 +255,165 @@ class _Converter:
                                          threads=1).to_ndarray()
 
 
-def probe_video(path):
+# ---------------------------------------------------------------------------------------------------
+# Frame folders: a directory of images, one frame each (mmaction2's rawframes, extracted JPEGs)
+#
+# Frame i is the i-th image in the order of the number in its name (img_00001.jpg, 00001.jpg,
+# frame_000001.png; the last run of digits), so 2 < 10 whatever the zero padding. The numbers must
+# run without a gap: a missing frame would shift every later frame's time. mmaction2's rawframes
+# folders also hold optical flow (flow_x_00001.jpg, flow_y_...): a folder with several series of
+# images reads the one series not named flow*, and refuses to guess among several others.
+# Scaling is the video path's: the same swscale bicubic, from the decoded RGB image. A JPEG whose
+# pixel budget is half its size or less is decoded at 1/2, 1/4 or 1/8 of it (libjpeg's DCT scaling,
+# PIL's Image.draft: the largest reduction that still covers the target size), which skips most of
+# the decoding work, then scaled the rest of the way.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+_NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")  # prefix, the last run of digits, the rest (extension)
+
+
+def frame_files(folder):
+    """The frame images of a frame folder in frame order (full paths). DataError naming the folder
+    when it holds no numbered images, several series of them, the same number twice, or a gap."""
+    try:
+        names = [e.name for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_EXTENSIONS)
+                 and not e.name.startswith(".") and e.is_file()]
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list the frame folder ({e.strerror or e})") from None
+    series = {}
+    for name in names:
+        m = _NUMBERED.match(name)
+        if m is None:
+            raise DataError(f"{os.path.join(folder, name)}: a frame's name must hold its number "
+                            f"(img_00001.jpg, 00001.jpg, frame_000001.png)")
+        series.setdefault((m.group(1), m.group(3).lower()), []).append((int(m.group(2)), name))
+    if not series:
+        raise DataError(f"{folder}: the frame folder holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+    if len(series) > 1:  # rawframes: img_* beside flow_x_* / flow_y_*
+        series = {k: v for k, v in series.items() if not k[0].lower().startswith("flow")} or series
+    if len(series) > 1:
+        shown = sorted(f"{p}N{e}" for p, e in series)
+        raise DataError(f"{folder}: the frame folder mixes {len(series)} series of images ({', '.join(shown[:4])}); "
+                        f"keep one series of frames per folder")
+    numbered = sorted(series.popitem()[1])
+    return [os.path.join(folder, name) for name in _checked_run(folder, numbered)]
+
+
+def _checked_run(folder, numbered):
+    """[(number, name)] sorted -> the names, after checking the numbers run first..last, once each."""
+    for (a, name_a), (b, name_b) in zip(numbered, numbered[1:]):
+        if a == b:
+            raise DataError(f"{folder}: frames {name_a} and {name_b} have the same number; keep one of them")
+        if b != a + 1:
+            digits = _NUMBERED.match(name_a)
+            width = len(digits.group(2))
+            missing = f"{digits.group(1)}{str(a + 1).zfill(width)}{digits.group(3)}"
+            raise DataError(f"{os.path.join(folder, missing)}: frame missing ({b - a - 1} frame(s) missing between "
+                            f"{name_a} and {name_b}); a gap would shift every later frame's time: re-extract the clip")
+    return [name for _, name in numbered]
+
+
+def read_frame(file, size=None, full_size=None):
+    """One image -> (H, W, 3) uint8 RGB, scaled to size = (height, width) like a video's frames. JPEGs
+    are decoded with DCT scaling when the target is at most half their size (see above). full_size:
+    the (width, height) the image must have (a clip's frames share one size)."""
+    try:
+        with Image.open(file) as image:
+            found, rgb = image.size, None
+            if full_size is None or found == tuple(full_size):
+                if size is not None and image.format == "JPEG":
+                    image.draft("RGB", (size[1], size[0]))  # a no-op unless 1/2, 1/4 or 1/8 still covers size
+                rgb = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a cut or foreign file
+        raise DataError(f"{file}: cannot read the frame ({e})") from None
+    if rgb is None:
+        raise DataError(f"{file}: frame is {found[0]}x{found[1]}, the folder's first frame {full_size[0]}x"
+                        f"{full_size[1]}; every frame of a clip must have one size")
+    if size is None or tuple(size) == rgb.shape[:2]:
+        return rgb
+    return _Converter(size)(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24"))
+
+
+class _FrameFolder:
+    """A frame folder with the interface of _VideoFile (info, decode). fps None: the rate is unknown,
+    and whatever needs it (sampling, the model's timing) stops with a request for it (_require_rate)."""
+
+    def __init__(self, path, fps):
+        self.path, self.files = path, frame_files(path)
+        try:
+            with Image.open(self.files[0]) as first:  # the header alone: size without decoding
+                width, height = first.size
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{self.files[0]}: cannot read the frame ({e})") from None
+        self.info = VideoInfo(len(self.files), float(fps) if fps is not None else None, width, height)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def decode(self, indices, size=None):
+        """See decode_frames. Every frame must have the first frame's size."""
+        indices = _checked_indices(self.path, indices, self.info.num_frames)
+        full_size = (self.info.width, self.info.height)
+        frames = {i: read_frame(self.files[i], size, full_size) for i in dict.fromkeys(indices)}  # repeats read once
+        return np.stack([frames[i] for i in indices])
+
+
+def _checked_indices(path, indices, n):
+    indices = [int(i) for i in np.asarray(indices).reshape(-1)]
+    if not indices:
+        raise DataError(f"{path}: no frame indices to decode")
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise DataError(f"{path}: frame index {bad[0]} is out of range: the video has {n} frames "
+                        f"(valid indices 0..{n - 1})")
+    return indices
+
+
+def open_clip(path, fps=None):
+    """A video file or a frame folder, opened (a context manager with .info and .decode)."""
+    return _FrameFolder(path, fps) if os.path.isdir(path) else _VideoFile(path)
+
+
+def no_rate_error(folder):
+    """A frame folder's rate is what the record or the dataset entry says: never a guess."""
+    return DataError(f"{folder}: a frame folder has no frame rate of its own; give it as `fps` in the record, "
+                     f"or as `frame_fps` in the dataset entry (train_datasets / eval_datasets)")
+
+
+def _require_rate(clip):
+    if clip.info.fps is None:
+        raise no_rate_error(clip.path)
+    return clip.info
+
+
+def probe_video(path, fps=None):
     """Frame count (the frames a full decode yields: counted from the packets, as WebM/MKV headers
-    report 0), frame rate and size."""
-    with _VideoFile(path) as video:
-        return video.info
+    report 0; a frame folder's images), frame rate and size. fps: a frame folder's rate."""
+    with open_clip(path, fps) as clip:
+        return _require_rate(clip)
 
 
 def decode_frames(path, indices, size=None):
     """Frames at the given 0-based presentation-order indices (any order, repeats allowed) as a
     (T, H, W, 3) uint8 RGB array. `size=(height, width)` scales in FFmpeg's scaler while converting,
-    so full-size RGB frames never exist. An index outside the video raises DataError naming the file."""
-    with _VideoFile(path) as video:
-        return video.decode(indices, size)
+    so full-size RGB frames never exist. An index outside the video raises DataError naming the file.
+    A frame folder's frame i is its i-th image (frame_files)."""
+    with open_clip(path) as clip:
+        return clip.decode(indices, size)
 
 
-def load_clip(path, choose, size_for=None):
+def load_clip(path, choose, size_for=None, fps=None):
     """Probe, choose and decode with one open (what VideoDataset does): `choose(info)` returns the
-    frame indices, `size_for(info)` the (height, width) or None. Returns (info, indices, frames)."""
-    with _VideoFile(path) as video:
-        indices = choose(video.info)
-        size = size_for(video.info) if size_for is not None else None
-        return video.info, indices, video.decode(indices, size)
+    frame indices, `size_for(info)` the (height, width) or None; fps: a frame folder's rate. Returns
+    (info, indices, frames)."""
+    with open_clip(path, fps) as clip:
+        info = _require_rate(clip)
+        indices = choose(info)
+        size = size_for(info) if size_for is not None else None
+        return info, indices, clip.decode(indices, size)
 
 
 def frame_size(info, min_pixels, max_pixels, factor=28):
@@ -341,10 +478,15 @@ CACHE_MAGIC = b"actcls-frames-v1\n"  # bump when decoding or scaling changes pix
 CACHE_HEADER = 4096  # bytes: magic + JSON, space-padded; the frames follow
 
 
-def cache_file(cache_dir, path, min_pixels, max_pixels, factor=28):
+def cache_file(cache_dir, path, min_pixels, max_pixels, factor=28, fps=None):
+    """A frame folder's key also holds every frame's size and mtime (editing one frame leaves the
+    folder's own mtime alone) and its fps (the record's, not the folder's: part of the cached info)."""
     stat = os.stat(path)
-    key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, min_pixels, max_pixels, factor,
-                      CACHE_MAGIC.decode()])
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    if os.path.isdir(path):
+        stamp = [fps] + [[os.path.basename(f), s.st_size, s.st_mtime_ns] for f in frame_files(path)
+                         for s in [os.stat(f)]]
+    key = json.dumps([os.path.abspath(path), stamp, min_pixels, max_pixels, factor, CACHE_MAGIC.decode()])
     digest = hashlib.sha1(key.encode()).hexdigest()
     return os.path.join(cache_dir, digest[:2], digest + ".frames")
 
@@ -384,16 +526,19 @@ def _write_cache(file, info, frames):
             os.remove(tmp)
 
 
-def cached_clip(path, cache_dir, min_pixels, max_pixels, factor=28):
+def cached_clip(path, cache_dir, min_pixels, max_pixels, factor=28, fps=None):
     """(info, frames): every frame of the clip at frame_size(info, min_pixels, max_pixels, factor),
-    from the cache when it holds the clip (no video is opened), else decoded and written to it."""
-    file = cache_file(cache_dir, path, min_pixels, max_pixels, factor)
+    from the cache when it holds the clip (no video is opened), else decoded and written to it.
+    fps: a frame folder's rate."""
+    if os.path.isdir(path) and fps is None:  # asked for before any file is written
+        raise no_rate_error(path)
+    file = cache_file(cache_dir, path, min_pixels, max_pixels, factor, fps)
     hit = _read_cache(file)
     if hit is not None:
         return hit
-    with _VideoFile(path) as video:
-        info = video.info
-        frames = video.decode(range(info.num_frames), frame_size(info, min_pixels, max_pixels, factor))
+    with open_clip(path, fps) as clip:
+        info = _require_rate(clip)
+        frames = clip.decode(range(info.num_frames), frame_size(info, min_pixels, max_pixels, factor))
     _write_cache(file, info, frames)
     return info, frames
 
@@ -404,10 +549,10 @@ def cached_clip(path, cache_dir, min_pixels, max_pixels, factor=28):
 SINGLE_VIEW = (0, 1, 0, 1)  # (clip, num_clips, crop, num_crops): one view of the whole clip
 
 
-def load_sampled(path, settings, rng=None, view=SINGLE_VIEW):
+def load_sampled(path, settings, rng=None, view=SINGLE_VIEW, fps=None):
     """(info, indices, frames) of one clip as training and evaluation see it: TSN indices (random
     offsets from `rng` in training, else the centre of each segment shifted for clip c of C),
-    scaled to the pixel budget, cropped to the view's spatial crop."""
+    scaled to the pixel budget, cropped to the view's spatial crop. fps: a frame folder's rate."""
     clip, num_clips, crop, num_crops = view
 
     def choose(info):
@@ -417,11 +562,11 @@ def load_sampled(path, settings, rng=None, view=SINGLE_VIEW):
 
     budget = settings.budget
     if settings.video_cache_dir is not None:  # all frames of the clip, already scaled; pick on read
-        info, frames = cached_clip(path, settings.video_cache_dir, *budget)
+        info, frames = cached_clip(path, settings.video_cache_dir, *budget, fps)
         indices = choose(info)
         frames = np.ascontiguousarray(frames[indices])
     else:  # one open: probe, choose, decode just those frames
-        info, indices, frames = load_clip(path, choose, lambda info: frame_size(info, *budget))
+        info, indices, frames = load_clip(path, choose, lambda info: frame_size(info, *budget), fps)
     return info, indices, spatial_crop(frames, crop, num_crops)
 
 

@@ -29,6 +29,12 @@ frame_size(info, min_pixels, max_pixels), the same for every method. Methods, in
   cache         the cache-hit path of VideoDataset.__getitem__: video.cached_clip (a memory-mapped
                 file of every frame, already scaled) + picking the N frames; the cache is filled first,
                 untimed.
+Frame folders (the second table): every clip's frames, decoded once, written as a folder of JPEGs
+(quality 95, PIL's default 4:2:0 chroma, as frame extraction tools write them) and one of PNGs, read by
+video.load_clip as training reads them (fps given), against the same clip as a video (`decode`):
+  jpg dir       JPEG folder: DCT scaling (Image.draft) where the budget is at most half the frame size
+  jpg full      the same frames decoded at full size, then scaled (what jpg dir would cost without it)
+  png dir       PNG folder
 Each round runs every method on each clip in turn; a method's time on a clip is its best round, and
 clips/s = clips / the sum of those. Time is this process's CPU time by default: every method runs on
 one thread (decoders, scaler, torch), as in a DataLoader worker, so CPU seconds are the seconds it
@@ -44,6 +50,7 @@ import time
 
 import av
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import data  # noqa: E402
@@ -119,6 +126,7 @@ def main(argv=None):
             for c in clips[kind]:
                 video.cached_clip(c, cache, *budget)
         frames_total = {k: sum(i.num_frames for i in infos[k]) for k in KINDS}
+        folders = {kind: {ext: [frame_folder(c, ext) for c in clips[kind]] for ext in ("jpg", "png")} for kind in KINDS}
         print(f"{args.clips} clips of each kind in {time.time() - t0:.0f}s: "
               + ", ".join(f"{k} {infos[k][0].width}x{infos[k][0].height} -> "
                           f"{'x'.join(map(str, video.frame_size(infos[k][0], *budget)))}, "
@@ -150,8 +158,8 @@ def main(argv=None):
 
                 def prep_ours(path, indices, size, info):
                     info, indices, frames = decode_ours(path, indices)
-                    collate([{"frames": frames, "indices": indices, "info": info, "index": 0, "valid": True, "skipped": [],
-                              "sample": data.Sample(path, MESSAGES, 0, "default", "bench")}])
+                    collate([data.Item(data.Sample(path, MESSAGES, 0, "default", "bench"), frames, indices, info, 0,
+                                       True, [])])
 
                 def floor(path, indices, size, info):
                     with video._VideoFile(path) as opened:
@@ -161,8 +169,21 @@ def main(argv=None):
                     info, clip = video.cached_clip(path, cache, *budget)
                     np.ascontiguousarray(clip[video.sample_indices(info.num_frames, n)])
 
+                def folder_reader(ext, read=None):
+                    def run(path, indices, size, info):
+                        folder = folders[kind][ext][paths.index(path)]
+                        if read is None:
+                            video.load_clip(folder, lambda info: indices, lambda info: video.frame_size(info, *budget),
+                                            info.fps)
+                        else:
+                            files = video.frame_files(folder)
+                            [read(files[i], size) for i in indices]
+                    return run
+
                 methods = {"baseline": baseline, "decode": decode, "prep base": prep_base,
-                           "prep ours": prep_ours, "floor": floor, "cache": cache_read}
+                           "prep ours": prep_ours, "floor": floor, "cache": cache_read,
+                           "jpg dir": folder_reader("jpg"), "jpg full": folder_reader("jpg", read_without_draft),
+                           "png dir": folder_reader("png")}
                 check_same_inputs(plan[0], kind_infos[0], processor, collate, decode_ours)
                 # best[method][clip]: the fastest of the rounds; methods interleave clip by clip, so a
                 # busy moment on the shared machine hits them alike
@@ -185,6 +206,31 @@ def main(argv=None):
               f"{r['prep base']:>9.1f} {r['prep ours']:>9.1f} {r['prep ours'] / r['prep base']:>5.2f}x | "
               f"{r['floor']:>8.1f} {r['floor'] / r['prep base']:>11.2f}x | "
               f"{r['cache']:>8.0f} {r['cache'] / r['baseline']:>5.1f}x")
+    header = (f"{'clips':<5} {'N':>3} | {'decode':>8} | {'jpg dir':>8} {'ratio':>6} | {'jpg full':>8} {'ratio':>6} | "
+              f"{'png dir':>8} {'ratio':>6}")
+    print(f"\nframe folders of the same clips, clips per {'wall-clock' if args.wall else 'CPU'} second; "
+          f"ratio = folder / the video file (decode)")
+    print(header)
+    print("-" * len(header))
+    for kind, n, r in rows:
+        print(f"{kind:<5} {n:>3} | {r['decode']:>8.1f} | " + " | ".join(
+            f"{r[m]:>8.1f} {r[m] / r['decode']:>5.2f}x" for m in ("jpg dir", "jpg full", "png dir")))
+
+
+def frame_folder(path, ext):
+    """Every frame of the clip as img_00001.<ext> ... in a folder beside it."""
+    folder = f"{path}_{ext}"
+    os.makedirs(folder)
+    for i, frame in enumerate(video.decode_frames(path, range(video.probe_video(path).num_frames))):
+        Image.fromarray(frame).save(os.path.join(folder, f"img_{i + 1:05d}.{ext}"), **({"quality": 95} if ext == "jpg" else {}))
+    return folder
+
+
+def read_without_draft(file, size):
+    """video.read_frame without the DCT scaling: decode whole, then the same swscale bicubic."""
+    with Image.open(file) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    return video._Converter(size)(av.VideoFrame.from_ndarray(rgb, format="rgb24"))
 
 
 def time_loader(args):

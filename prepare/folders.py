@@ -1,14 +1,17 @@
 """Convert a folder tree of labelled clips (<root>/<class>/<clip>) into actcls records.
 
 usage: python prepare/folders.py --root DIR --out DIR [--val_fraction 0.1 --seed 0 | --val_root DIR]
-                                 [--template varied|fixed]
+                                 [--frame_fps F] [--template varied|fixed]
 
 Reads <root>/<class>/<clip>: each folder in --root is a class (classes.json: the folder names, sorted;
 label = index), and each clip in it is a video file (.mp4 .avi .webm .mkv .mov, any case) or a frame
-folder (a folder of images .jpg .jpeg .png, one frame each). Anything else in a class folder (not a
-video, an empty file, an empty frame folder, a folder that mixes images with other files, hidden
-files such as .DS_Store) is skipped and listed with the reason; a class folder without a single clip
-is an error.
+folder (a folder of images .jpg .jpeg .png .bmp, one frame each, numbered: img_00001.jpg, 00001.jpg,
+frame_000001.png). Anything else in a class folder (not a video, an empty file, an empty frame folder,
+a folder that mixes images with other files, a frame folder with a gap in its numbers or several
+series of images, hidden files such as .DS_Store) is skipped and listed with the reason; a class
+folder without a single clip is an error. A frame folder has no frame rate of its own: --frame_fps F
+writes "fps": F into the frame folders' records, or the config gives it (the dataset entry's
+`frame_fps`); training stops and asks when neither does.
 
 The val split: --val_root DIR, a second tree with the same class folders, or else --val_fraction F
 (default 0.1) of each class's clips, drawn per class with --seed (stratified: each class gives
@@ -28,9 +31,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prepare.records import (MAX_MISSING_SHOWN, add_record_options, print_video_root, report_problems,  # noqa: E402
                              write_atomic, write_splits)
+from video import IMAGE_EXTENSIONS, DataError, frame_files  # noqa: E402
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_VAL_FRACTION = 0.1
 
 
@@ -42,6 +45,7 @@ def parse_args(argv):
     val.add_argument("--val_fraction", type=float,
                      help=f"share of each class's clips drawn into val.jsonl (default {DEFAULT_VAL_FRACTION})")
     val.add_argument("--val_root", help="folder holding the val clips, with the same class folders as --root")
+    p.add_argument("--frame_fps", type=float, help="the frame rate of the frame folders, written as their records' fps")
     add_record_options(p, allow_missing=False, seed_help="seed of the --val_fraction draw and of the phrasing draw")
     return p.parse_args(argv)
 
@@ -60,6 +64,10 @@ def not_a_clip(entry):
             return "folder of videos: clips must sit directly in the class folder"
         if others:
             return f"folder with files other than {'/'.join(IMAGE_EXTENSIONS)} images (e.g. {sorted(others)[0]!r})"
+        try:  # the training-time reading of a frame folder: numbered frames, one series, no gap
+            frame_files(entry.path)
+        except DataError as e:
+            return f"frame folder that cannot be read as a clip ({str(e).removeprefix(entry.path + ': ')})"
         return None
     if not entry.is_file():
         return "neither a file nor a folder"
@@ -120,6 +128,8 @@ def main(argv=None):
     fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
     if args.val_root is None and not 0 < fraction < 1:
         raise SystemExit(f"--val_fraction {fraction}: must be between 0 and 1 (e.g. 0.1)")
+    if args.frame_fps is not None and not args.frame_fps > 0:
+        raise SystemExit(f"--frame_fps {args.frame_fps}: must be a positive frame rate")
 
     skipped, problems = [], []
     tree = scan_tree(args.root, skipped, problems)
@@ -147,7 +157,14 @@ def main(argv=None):
     skipped_file = os.path.join(args.out, "skipped.txt")
     write_atomic(skipped_file, "".join(f"{path}\t{reason}\n" for path, reason in skipped))
     print(f"wrote {skipped_file}: {len(skipped)} skipped")
-    write_splits(args.out, splits, names, args.template, args.seed)
+    roots = {"train": args.root, "val": args.val_root if args.val_root is not None else args.root}
+    folders = {clip for split, entries in splits.items() for clip, _ in entries
+               if os.path.isdir(os.path.join(roots[split], clip))}
+    fps = (lambda clip: {"fps": args.frame_fps} if clip in folders else {}) if args.frame_fps is not None else None
+    write_splits(args.out, splits, names, args.template, args.seed, fps)
+    if folders and args.frame_fps is None:
+        print(f"{len(folders)} clip(s) are frame folders, whose records have no fps: give the frame rate as "
+              f"frame_fps in the dataset entry, or run again with --frame_fps F")
     if args.val_root is None:
         print_video_root(args.root)
     else:

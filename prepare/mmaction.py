@@ -155,6 +155,9 @@ def main(argv=None):
               for split, entries in lists.items()}
     fields = {"fps": args.frame_fps} if args.frame_fps is not None else None
     write_splits(args.out, splits, names, args.template, args.seed, fields)
+    if formats["train"] == "rawframes" and args.frame_fps is None:
+        print("the records' frame folders have no fps: give the frame rate as frame_fps in the dataset entry, "
+              "or run again with --frame_fps F")
     if roots["val"] == roots["train"]:
         print_video_root(roots["train"])
     else:

@@ -133,11 +133,13 @@ def report_problems(problems: list[str]):
 
 def write_splits(out, splits, names, template, seed, fields=None):
     """splits: {"train": [(video path, label or None), ...], ...}, every entry to be written ->
-    out/<split>.jsonl and out/classes.json. fields: extra keys put into every record (e.g. "fps")."""
+    out/<split>.jsonl and out/classes.json. fields: extra keys put into every record (e.g. "fps"), or a
+    function of the video path giving them (e.g. "fps" for frame folders only)."""
     # one generator for the whole run, in split order, so the same seed gives the same files
     rng = random.Random(seed) if template == "varied" else None
     for split, entries in splits.items():
-        records = [{**make_record(v, label, rng), **(fields or {})} for v, label in entries]
+        records = [{**make_record(v, label, rng), **(fields(v) if callable(fields) else fields or {})}
+                   for v, label in entries]
         write_jsonl(os.path.join(out, f"{split}.jsonl"), records)
         print(f"wrote {os.path.join(out, split + '.jsonl')}: {len(records)} records")
     write_classes(os.path.join(out, "classes.json"), names)

@@ -293,7 +293,7 @@ def test_mmaction_videos_with_names_and_val_root(mm_videos, capsys):
     assert classes(tmp / "numbers") == ["0", "1", "2"]
 
 
-def test_mmaction_rawframes_frame_folders_and_fps(tmp_path):
+def test_mmaction_rawframes_frame_folders_and_fps(tmp_path, capsys):
     root = tmp_path / "rawframes"
     train = [(f"clip{i}", 5 + i, i % 2) for i in range(4)]
     for folder, frames, _ in train:
@@ -307,6 +307,7 @@ def test_mmaction_rawframes_frame_folders_and_fps(tmp_path):
     prepare.mmaction.main(args + ["--out", str(tmp_path / "a")])  # format auto-detected from 3 columns
     assert written(tmp_path / "a") == {"train": [(d, label) for d, _, label in train], "val": [("clip3", 1)]}
     assert all("fps" not in r for r in read_jsonl(tmp_path / "a/train.jsonl"))
+    assert "frame folders have no fps: give the frame rate as frame_fps in the dataset entry" in capsys.readouterr().out
     prepare.mmaction.main(args + ["--out", str(tmp_path / "b"), "--frame_fps", "30", "--format", "rawframes"])
     assert {r["fps"] for r in read_jsonl(tmp_path / "b/train.jsonl") + read_jsonl(tmp_path / "b/val.jsonl")} == {30.0}
 
@@ -396,6 +397,26 @@ def test_folders_stratified_deterministic_frame_folders_and_skipped(tmp_path, ca
     captured = capsys.readouterr()
     assert "skipped 5 entries that are not clips" in captured.err and "Jumping/notes.txt: not a video" in captured.err
     assert f"wrote {tmp_path / 'a/train.jsonl'}: 13 records" in captured.out
+
+
+def test_folders_frame_fps_and_frame_gaps(tmp_path, capsys):
+    """--frame_fps goes into the frame folders' records only (a video file has its own rate); a frame
+    folder with a gap in its numbers is skipped with the missing frame named."""
+    root = tmp_path / "clips"
+    make_folders(root, {"a": 2, "b": 2})
+    for f in (1, 2, 4):
+        touch(root / "a" / "gap" / f"img_{f:05d}.jpg", b"jpeg")
+    args = ["--root", str(root), "--val_fraction", "0.5"]
+    prepare.folders.main(args + ["--out", str(tmp_path / "fps"), "--frame_fps", "12"])
+    records = read_jsonl(tmp_path / "fps/train.jsonl") + read_jsonl(tmp_path / "fps/val.jsonl")
+    assert {(r["videos"][0], r.get("fps")) for r in records} == {
+        ("a/c0_frames", 12.0), ("b/c0_frames", 12.0), ("a/c1.AVI", None), ("b/c1.AVI", None)}
+    skipped = (tmp_path / "fps/skipped.txt").read_text()
+    assert "gap\tframe folder that cannot be read as a clip (" in skipped and "img_00003.jpg: frame missing" in skipped
+    capsys.readouterr()
+    prepare.folders.main(args + ["--out", str(tmp_path / "no_fps")])
+    assert "2 clip(s) are frame folders, whose records have no fps: give the frame rate as frame_fps" in \
+        capsys.readouterr().out
 
 
 def test_folders_val_root(tmp_path, capsys):

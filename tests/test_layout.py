@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A module may import only modules of a lower layer. `prepare` (the converters' package) sits with the
 # scripts' inputs: only inference.py (the default prompt, from prepare.records) and the top layer use it.
-LAYERS = {"video": 0, "decoder": 0, "chat": 0,  # no project imports: they can be copied anywhere as they are
+LAYERS = {"video": 0, "decoder": 0, "chat": 0, "losses": 0,  # no project imports: they can be copied anywhere as they are
           "modeling_actcls": 0.5,  # the export's transformers code: copied into every export with the three above
           "config": 1,  # the schema
           "batch_plan": 1,  # which samples go into which micro-batch, on which rank

@@ -210,7 +210,7 @@ def test_registry_columns_and_tags_are_honoured(tmp_path):
     assert cfg.train_datasets[1]["columns"] == {"messages": "dialog", "videos": "clips"}
     for entry, label in zip(cfg.train_datasets, (1, 2)):
         rename = lambda record, e=entry: llamafactory.renamed_record(record, e.get("columns"), e.get("tags"))  # noqa: E731
-        samples, bad = data.load_samples(entry["path"], entry["video_root"], 6, rename=rename)
+        samples, bad = data.load_samples(entry["path"], entry["video_root"], 6, rules=data.EntryRules(rename))
         assert bad == [] and samples[0].label == label and samples[0].video == str(clip)
         assert samples[0].messages == [{"role": "user", "content": "<video>What?"},
                                        {"role": "assistant", "content": "It is <ACT>."}]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import train
 from batch_plan import StepLayout, train_batches
 from data import Collator, VideoDataset, batch_stream, load_samples, sample_lengths
+from losses import LossSettings
 from model import build_classifier, build_optimizer
 from prepare.synthetic import main as make_synthetic
 from config import Config
@@ -98,7 +99,8 @@ def test_bf16_step_close_to_fp32_with_fp32_head_and_optimizer_state(tiny_model_d
     losses = {}
     for bf16, model in models.items():
         optimizer = build_optimizer(model, cfgs[bf16])
-        run = types.SimpleNamespace(wrapped=model, cfg=cfgs[bf16], device=CPU)  # what a micro-step reads of the run
+        # what a micro-step reads of the run
+        run = types.SimpleNamespace(wrapped=model, cfg=cfgs[bf16], device=CPU, losses={"default": LossSettings()})
         losses[bf16] = train.train_micro_step(run, batch).loss
         optimizer.step()
     # the frozen base really is bf16 ...

@@ -291,6 +291,26 @@ def test_temporal_position_steps_follow_the_frame_rate(tmp_path, processor):
     assert temporal_step(dataset_item(clip25, 2.0, video_num_frames=16)) == steps[4.0]
 
 
+def test_frame_folder_gives_the_model_the_same_inputs_and_timing(tmp_path, processor):
+    """The same clip as a video file and as a PNG frame folder (fps from the record): the processor
+    gets the same pixels, grid and seconds per temporal patch (tests/test_frames.py: the frames)."""
+    from PIL import Image
+
+    path = write_clip(tmp_path / "clip.mp4", 16, 8, 56, 56)
+    os.makedirs(tmp_path / "frames")
+    for i, frame in enumerate(decode_frames(path, range(16))):
+        Image.fromarray(frame).save(tmp_path / "frames" / f"img_{i + 1:05d}.png")
+    collate = Collator(processor, processor.tokenizer.convert_tokens_to_ids(ACT_TOKEN))
+    messages = [{"role": "user", "content": "<video>What is happening?"}, {"role": "assistant", "content": ACT_TOKEN}]
+    samples = [Sample(path, messages, 0, "default", "a"), Sample(str(tmp_path / "frames"), messages, 0, "default", "b", 8)]
+    dataset = VideoDataset(samples, VideoSettings(4, 8, None, 3136, 3136))
+    from_video, from_folder = (collate([dataset[(i, 0, False)]]).inputs for i in (0, 1))
+    assert from_video.keys() == from_folder.keys()
+    for key in from_video:
+        assert torch.equal(from_video[key], from_folder[key]), key
+    assert from_video["second_per_grid_ts"].tolist() == [2 / 4]  # 2 frames per patch at video_fps 4
+
+
 # ---------------------------------------------------------------------------------------------------
 # early scaling matches the processor's own resize
 
