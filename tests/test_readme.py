@@ -87,6 +87,7 @@ class Workspace:
         ssv2_root, ssv2_labels = self.fake_sthsthv2()
         ivcp_data, ivcp_media = write_ivcp_layout(os.path.join(self.root, "ivcp"))
         clips = self.clips()
+        class_folders = self.class_folders()
         self.paths = {
             "/data/UCF-101": ucf_root, "/data/ucfTrainTestlist": ucf_lists,
             "/data/20bn-something-something-v2": ssv2_root, "/data/labels": ssv2_labels,
@@ -94,7 +95,7 @@ class Workspace:
             "qwen2_5vl_ucf101.yaml": os.path.join(IVCP_CONFIGS, "qwen2_5vl_ucf101.yaml"),
             "qwen2_5vl_ucf101_eval.yaml": os.path.join(IVCP_CONFIGS, "qwen2_5vl_ucf101_eval.yaml"),
             "some_clip.avi": clips[0], "a.mp4": clips[1], "b.avi": clips[0], "videos/": os.path.dirname(clips[0]),
-            "node0.example.org:29500": f"localhost:{random.randint(20000, 40000)}",
+            "node0.example.org:29500": f"localhost:{random.randint(20000, 40000)}", "my_clips": class_folders,
         }
         self.copy_configs({"Qwen/Qwen2.5-VL-3B-Instruct": "data/tiny-qwen2.5-vl", "Qwen/Qwen3-VL-4B-Instruct":
                            "data/tiny-qwen3-vl", "Qwen/Qwen3.5-4B": "data/tiny-qwen3.5", **self.paths})
@@ -144,6 +145,14 @@ class Workspace:
             write_video(path, num_frames=6) if path.endswith(".avi") else shutil.copy(paths[0], path)
         return paths
 
+    def class_folders(self):
+        """A folder per class (docs/own-videos.md's my_clips): 6 classes x 10 clips."""
+        root = os.path.join(self.root, "my_clips")
+        for c in range(6):
+            for i in range(10):
+                write_video(os.path.join(root, f"class_{c}", f"clip_{i}.avi"), num_frames=6)
+        return root
+
     def copy_configs(self, swaps):
         os.makedirs(os.path.join(self.root, "configs"))
         for name in os.listdir(os.path.join(ROOT, "configs")):
@@ -154,12 +163,14 @@ class Workspace:
                 f.write(text)
 
     def swap(self, tokens):
+        """Each README path in each argument, as a whole path (`my_clips`, not `data/my_clips/`)."""
         out = []
         for token in tokens:
             for old, new in self.paths.items():
-                if old in token:
+                pattern = r"(?<![\w./-])" + re.escape(old) + r"(?![\w.-])"
+                if re.search(pattern, token):
                     self.used.add(old)
-                    token = token.replace(old, new)
+                    token = re.sub(pattern, lambda _: new, token)
             out.append(token)
         return out
 
