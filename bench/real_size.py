@@ -3,17 +3,22 @@ what a user runs, each stage a subprocess of the real script, its wall time, CPU
 
     nice -n 19 python bench/real_size.py --work /tmp/real_size [--models qwen2.5-vl-3b qwen3-vl-4b]
 
-Stages, per model (the configs are the shipped configs/ucf101*.yaml, with only paths, batch and
-steps changed):
+Stages, per model (the configs are the shipped configs/ucf101*.yaml, with only paths, batch, steps
+and the head's class count changed):
   build    prepare/tiny_model.py --config <the released config.json> --bf16: the checkpoint folder
   train    train.py: one optimizer step, batch 1, DoRA on every Linear, bf16, then its checkpoint save
+           (--train_extra KEY VALUE ...: more overrides, e.g. gradient_checkpointing true)
+  checkpoint without a step: only when the step did not write one (it did not fit, or --skip train):
+           the files train.py writes, adapters perturbed instead of trained, for the stages below
   eval     train.py --eval_only on 2 clips
   export   export.py (the streamed merge, merge.py)
   predict  VideoClassifier.from_pretrained(export).predict(2 clips)
-Peak RSS is the kernel's (wait4's ru_maxrss: the largest resident size of the process, or of a
-child it waited for); a stage whose process tree goes over --max_rss_gb or --max_minutes is
-stopped and reported as such. Ratios are against the base checkpoint's size on disk, measured in the
-same run; absolute times are this machine's only.
+--skip leaves stages out; a rerun reuses a base checkpoint and a checkpoint it finds (--keep keeps
+them: 15-18 GB a model, deleted otherwise). Peak RSS is the kernel's (wait4's ru_maxrss: the largest
+resident size of the process, or of a child it waited for); a stage whose process tree goes over
+--max_rss_gb or --max_minutes is stopped and reported as such. Ratios are against the base
+checkpoint's size on disk, measured in the same run; absolute times are this machine's only.
+Results: bench/RESULTS.md, "Real sizes on CPU".
 
 The configs below are the released config.json files of the two models (values as published; the
 hub itself is not reachable from here), from copies found in public sources:
