@@ -3,17 +3,22 @@ what a user runs, each stage a subprocess of the real script, its wall time, CPU
 
     nice -n 19 python bench/real_size.py --work /tmp/real_size [--models qwen2.5-vl-3b qwen3-vl-4b]
 
-Stages, per model (the configs are the shipped configs/ucf101*.yaml, with only paths, batch and
-steps changed):
+Stages, per model (the configs are the shipped configs/ucf101*.yaml, with only paths, batch, steps
+and the head's class count changed):
   build    prepare/tiny_model.py --config <the released config.json> --bf16: the checkpoint folder
   train    train.py: one optimizer step, batch 1, DoRA on every Linear, bf16, then its checkpoint save
+           (--train_extra KEY VALUE ...: more overrides, e.g. gradient_checkpointing true)
+  checkpoint without a step: only when the step did not write one (it did not fit, or --skip train):
+           the files train.py writes, adapters perturbed instead of trained, for the stages below
   eval     train.py --eval_only on 2 clips
   export   export.py (the streamed merge, merge.py)
   predict  VideoClassifier.from_pretrained(export).predict(2 clips)
-Peak RSS is the kernel's (wait4's ru_maxrss: the largest resident size of the process, or of a
-child it waited for); a stage whose process tree goes over --max_rss_gb or --max_minutes is
-stopped and reported as such. Ratios are against the base checkpoint's size on disk, measured in the
-same run; absolute times are this machine's only.
+--skip leaves stages out; a rerun reuses a base checkpoint and a checkpoint it finds (--keep keeps
+them: 15-18 GB a model, deleted otherwise). Peak RSS is the kernel's (wait4's ru_maxrss: the largest
+resident size of the process, or of a child it waited for); a stage whose process tree goes over
+--max_rss_gb or --max_minutes is stopped and reported as such. Ratios are against the base
+checkpoint's size on disk, measured in the same run; absolute times are this machine's only.
+Results: bench/RESULTS.md, "Real sizes on CPU".
 
 The configs below are the released config.json files of the two models (values as published; the
 hub itself is not reachable from here), from copies found in public sources:
@@ -158,7 +163,8 @@ def stages(name, work, clips, train_extra):
     base, run, export = (os.path.join(here, d) for d in ("base", "run", "export"))
     checkpoint = os.path.join(run, "checkpoints", "step_0000001")
     # num_action_classes: the clips' 6 classes (UCF101's head has 101 outputs: 2048 x 101 floats more)
-    common = ["--config", config, "--model_name_or_path", base, "--dataloader_num_workers", "0", "--num_action_classes", "6"]
+    common = ["--config", config, "--model_name_or_path", base, "--dataloader_num_workers", "0",
+              "--num_action_classes", "6"]
     videos = sorted(os.path.join(clips, "videos", v) for v in os.listdir(os.path.join(clips, "videos"))
                     if v.startswith("val_"))
     predict = ("import sys; from inference import VideoClassifier; "
@@ -166,17 +172,28 @@ def stages(name, work, clips, train_extra):
                "print(clf.predict(sys.argv[2:], top_k=3))")
     return [("build", ["prepare/tiny_model.py", "--family", family, "--config", os.path.join(here, "config.json"),
                        "--bf16", "--out", base]),
-            ("train", ["train.py", *common, "--train_datasets", f"[{{path: {clips}/train.jsonl}}]", "--eval_datasets", "[]",
-                       "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_steps", "1",
-                       "--save_steps", "1", "--eval_steps", "0", "--logging_steps", "1", "--output_dir", run,
-                       *train_extra]),
+            ("train", ["train.py", *common, "--train_datasets", f"[{{path: {clips}/train.jsonl}}]",
+                       "--eval_datasets", "[]", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps",
+                       "1", "--max_steps", "1", "--save_steps", "1", "--eval_steps", "0", "--logging_steps", "1",
+                       "--output_dir", run, *train_extra]),
             ("checkpoint without a step", ["-c", UNTRAINED_CHECKPOINT, os.path.join(clips, "classes.json"), *common,
-                                           "--train_datasets", f"[{{path: {clips}/train.jsonl}}]", "--output_dir", run]),
+                                           "--train_datasets", f"[{{path: {clips}/train.jsonl}}]",
+                                           "--output_dir", run]),
             ("eval", ["train.py", *common, "--eval_only", "--checkpoint", checkpoint,
                       "--eval_datasets", f"[{{path: {clips}/val.jsonl}}]", "--per_device_eval_batch_size",
                       "1", "--output_dir", os.path.join(here, "eval")]),
             ("export", ["export.py", "--checkpoint", checkpoint, "--out", export]),
             ("predict", ["-c", predict, export, *videos])]
+
+
+def skipped(stage, here, skip):
+    """Whether a stage is left out: asked to be, or its output is there already (a rerun reuses them)."""
+    done = {"build": os.path.join(here, "base", "model.safetensors"),
+            "checkpoint without a step": os.path.join(here, "run", "checkpoints", "step_0000001")}
+    if stage in done and os.path.exists(done[stage]):
+        print(f"reusing {done[stage]} (remove it to run {stage} again)", flush=True)
+        return True
+    return stage in skip
 
 
 def bench_model(name, work, clips, limits, options):
@@ -186,13 +203,7 @@ def bench_model(name, work, clips, limits, options):
         json.dump(MODELS[name][1], f, indent=1)
     rows = []
     for stage, argv in stages(name, work, clips, options.train_extra):
-        if stage == "build" and os.path.isfile(os.path.join(here, "base", "model.safetensors")):
-            print(f"{name}: reusing the checkpoint in {here}/base (remove it to time the build)", flush=True)
-            continue
-        if stage == "checkpoint without a step" and os.path.isdir(os.path.join(here, "run", "checkpoints", "step_0000001")):
-            print(f"{name}: reusing the checkpoint in {here}/run (remove it to make it anew)", flush=True)
-            continue  # the checkpoint without a step: only when no step wrote one
-        if stage in options.skip:
+        if skipped(stage, here, options.skip):
             continue
         row = run_stage(stage, argv, limits, os.path.join(here, f"{stage}.log"))
         rows.append(row)
@@ -200,7 +211,8 @@ def bench_model(name, work, clips, limits, options):
         if row["exit"] != 0 and stage in ("build", "checkpoint without a step", "export"):
             break  # the later stages need this one's output (a failed step: the checkpoint without one)
     sizes = {d: folder_gb(os.path.join(here, d)) for d in ("base", "export") if os.path.isdir(os.path.join(here, d))}
-    if not options.keep and all(r["exit"] == 0 for r in rows if r["stage"] != "train"):  # 15-18 GB a model; a failed run keeps them for a rerun
+    # 15-18 GB a model; a failed run keeps them for a rerun
+    if not options.keep and all(r["exit"] == 0 for r in rows if r["stage"] != "train"):
         for d in ("base", "run", "export"):
             shutil.rmtree(os.path.join(here, d), ignore_errors=True)
     return rows, sizes
@@ -210,7 +222,8 @@ def table(name, rows, sizes):
     base = sizes["base"]
     lines = [f"{name}: base checkpoint {base:.2f} GiB on disk" + (f", export {sizes['export']:.2f} GiB"
                                                                    if "export" in sizes else ""), "",
-             "| stage | wall (this CPU) | CPU time | peak RSS | RSS / base size | result |", "|---|---|---|---|---|---|"]
+             "| stage | wall (this CPU) | CPU time | peak RSS | RSS / base size | result |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         result = r["stopped"] or ("ok" if r["exit"] == 0 else f"exit {r['exit']} (see {r['log']})")
         lines.append(f"| {r['stage']} | {r['wall_s'] / 60:.1f} min | {r['cpu_s'] / 60:.1f} min | "
