@@ -521,9 +521,15 @@ def _write_cache(file, info, frames):
             f.write(np.ascontiguousarray(frames).data)
         os.replace(tmp, file)
     except OSError as e:  # a full or read-only disk must not stop training: the item is still right
-        warnings.warn(f"video cache: could not write {file} ({e}); continuing without caching it")
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        _CACHE_OFF.add(os.path.dirname(os.path.dirname(file)))
+        warnings.warn(f"video cache: could not write {file} ({e.strerror or e}); the cache takes no more clips in "
+                      f"this process, and training goes on reading the videos")
+
+
+# Cache folders a write failed in (a full disk): this process writes no more into them (one warning).
+_CACHE_OFF = set()
 
 
 def cached_clip(path, cache_dir, min_pixels, max_pixels, factor=28, fps=None):
@@ -539,7 +545,8 @@ def cached_clip(path, cache_dir, min_pixels, max_pixels, factor=28, fps=None):
     with open_clip(path, fps) as clip:
         info = _require_rate(clip)
         frames = clip.decode(range(info.num_frames), frame_size(info, min_pixels, max_pixels, factor))
-    _write_cache(file, info, frames)
+    if os.path.dirname(os.path.dirname(file)) not in _CACHE_OFF:
+        _write_cache(file, info, frames)
     return info, frames
 
 

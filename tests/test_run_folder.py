@@ -2,18 +2,21 @@
 killed run's never blocks --resume auto, a finished run's is never overwritten by a fresh run
 unless overwrite_output_dir says so; a resume says what changed; a full disk loses nothing."""
 
+import glob
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 import predict
 import run_folder
 import train
+import video
 from batch_plan import StepLayout, resumed_position
 from test_resume import ROOT, assert_same_training, train_losses
 
@@ -185,3 +188,20 @@ def test_predict_out_on_a_full_disk_names_the_file_and_keeps_the_finished_lines(
     assert str(stop.value).startswith(f"{results}: No space left on device; the videos done are in {results}")
     rows = [json.loads(line) for line in open(results) if line.endswith("\n")]
     assert rows and all(row["video"] in videos for row in rows)
+
+
+def test_a_full_disk_turns_the_frame_cache_off_with_one_warning(small_disk, synthetic_dir):
+    with open(os.path.join(small_disk, "filler"), "wb") as f:  # 8 KB left: no clip's frames fit
+        f.write(b"\0" * (3 * 1024 * 1024 - 8192))
+    cache = os.path.join(small_disk, "cache")
+    videos = sorted(glob.glob(os.path.join(synthetic_dir, "videos", "*")))[:3]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clips = [video.cached_clip(path, cache, 3136, 3136) for path in videos]
+    (warning,) = caught  # one, for the first clip; the others are not tried
+    assert str(warning.message).startswith(f"video cache: could not write {cache}/")
+    assert "(No space left on device); the cache takes no more clips in this process" in str(warning.message)
+    for path, (info, frames) in zip(videos, clips):  # the frames are right all the same
+        with video.open_clip(path) as clip:
+            assert info.num_frames == len(frames) == clip.info.num_frames
+    assert not [name for _, _, files in os.walk(cache) for name in files]  # no temp file left
