@@ -59,9 +59,12 @@ def main(argv=None):
     except OSError as e:
         if not checkpoint.disk_full(e, e.filename or cfg.output_dir):
             raise
-        raise SystemExit(f"{checkpoint.failed_write(e, e.filename or cfg.output_dir)}. The last complete checkpoint, "
-                         f"{checkpoint.last_checkpoint(cfg.output_dir)}, is intact: free space, then continue "
-                         f"with --resume auto.") from None
+        failed = checkpoint.failed_write(e, e.filename or cfg.output_dir)
+        if cfg.eval_only:
+            raise SystemExit(f"{failed}. The evaluation's files were not written: free space, then run the same "
+                             f"command again.") from None
+        raise SystemExit(f"{failed}. The last complete checkpoint, {checkpoint.last_checkpoint(cfg.output_dir)}, is "
+                         f"intact: free space, then continue with --resume auto.") from None
     finally:
         distributed.teardown()
         if owner is not None:
