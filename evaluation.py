@@ -21,7 +21,7 @@ import torch
 from checkpoint import write_atomically, write_text
 from config import head_sizes, multi_label_spaces
 from batch_plan import PADDING, eval_plan
-from data import make_loader
+from loaders import make_loader
 from distributed import all_gather, all_reduce_sums
 
 

@@ -7,7 +7,7 @@
 Both kinds of folder give the same object: the model, its processor, the class names of every head,
 and how it samples a video (the video settings, the evaluation views, the prompt). Videos are
 sampled exactly as evaluation samples them. `stream` is the batch path predict.py runs: DataLoader
-workers decode (data.make_loader) while the model runs, results come back in input order as they
+workers decode (loaders.make_loader) while the model runs, results come back in input order as they
 finish. An export's `actcls.json` (written by export.py from `manifest`) holds everything that is
 not Hugging Face's own format.
 """
@@ -22,7 +22,8 @@ import torch
 from checkpoint import (CONFIG_FILE, EXPORT_FILE, EXPORT_FORMAT, CheckpointError, folder_kind, load_weights,
                         read_classes, read_json)
 from config import ConfigError, head_sizes, multi_label_spaces, saved_config, video_settings
-from data import Collator, DataError, EntryRules, Sample, VideoDataset, load_samples, make_loader
+from data import Collator, DataError, EntryRules, Sample, VideoDataset, load_samples
+from loaders import make_loader
 from evaluation import averaged_views, class_names, eval_views
 from model import ACT_TOKEN, build_classifier, load_exported, load_processor, vision_geometry
 from prepare.records import DEFAULT_MESSAGES

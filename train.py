@@ -28,7 +28,8 @@ import run_folder
 from config import (Config, ConfigError, best_metric, changed_keys, class_weight_setting, head_sizes,
                     multi_label_spaces, saved_config, video_settings, write_config)
 from batch_plan import StepLayout, resumed_position, steps_per_epoch
-from data import USER_ERRORS, Collator, DatasetMix, Reading, batch_stream, hold_out, load_datasets
+from data import USER_ERRORS, Collator, DatasetMix, Reading, hold_out, load_datasets
+from loaders import batch_stream
 from losses import LossSettings, class_weights, head_loss, multi_label_hits
 from distributed import all_gather, all_reduce_sums, print0
 from evaluation import (autocast, class_names, confusion_image, eval_loader, evaluate, prediction_rows,
@@ -88,7 +89,7 @@ class Run:
     wrapped: torch.nn.Module  # runs forward/backward: DDP(model), or under FSDP2 `model` itself, sharded
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    batches: typing.Iterator  # data.batch_stream: (epoch, position, batch), without end
+    batches: typing.Iterator  # loaders.batch_stream: (epoch, position, batch), without end
     train_mix: DatasetMix
     eval_mix: DatasetMix | None  # None without eval_datasets
     evals: torch.utils.data.DataLoader | None
@@ -476,7 +477,7 @@ def run_eval_only(cfg, rank, world, device):
 
 class StopSignal:
     """SIGTERM (pre-emption) or SIGINT (Ctrl-C): finish the step, save, exit 0. DataLoader workers
-    ignore SIGINT (data.make_loader). A Ctrl-C more than 2 s after the first quits at once,
+    ignore SIGINT (loaders.make_loader). A Ctrl-C more than 2 s after the first quits at once,
     unsaved; sooner ones are the same keypress relayed (torchrun forwards it to its ranks)."""
 
     def __init__(self, rank):

@@ -54,6 +54,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import data  # noqa: E402
+import loaders  # noqa: E402
 import video  # noqa: E402
 from config import video_settings  # noqa: E402
 import batch_plan  # noqa: E402
@@ -260,7 +261,7 @@ def time_loader(args):
                 for key in {k for b in batches for k in b}:
                     dataset[key]
             for workers in args.workers:
-                loader = data.make_loader(dataset, batches, collate, workers, cfg.seed)
+                loader = loaders.make_loader(dataset, batches, collate, workers, cfg.seed)
                 t0 = time.perf_counter()
                 it = iter(loader)
                 next(it)

@@ -1,6 +1,6 @@
 """A trainer killed with SIGKILL (the OOM killer, a scheduler's hard kill) must not leave processes
 behind: its DataLoaders' forkserver, their workers (~0.7 GB each) and the resource tracker go within
-seconds (data.exit_with_trainer). Each case here failed before that fix. bench/kill_sweep.py kills at
+seconds (loaders.exit_with_trainer). Each case here failed before that fix. bench/kill_sweep.py kills at
 random moments of every phase, with --resume auto after each. Linux: the tree is read from /proc."""
 
 import os

@@ -25,7 +25,8 @@ LAYERS = {"video": 0, "decoder": 0, "chat": 0, "losses": 0,  # no project import
           "run_folder": 3.5,  # output_dir belongs to one run: the lock, what an earlier run left
           "llamafactory": 4,  # LLaMA-Factory / IVCP translation
           "model": 5, "merge": 6,  # merge: export.py's streamed LoRA/DoRA merge
-          "data": 6, "evaluation": 7, "metrics": 7, "prepare": 7.5, "inference": 8,
+          "data": 6, "loaders": 6.5,  # loaders: DataLoader workers and the training stream
+          "evaluation": 7, "metrics": 7, "prepare": 7.5, "inference": 8,
           "train": 9, "predict": 9, "export": 9}  # the scripts, never importing each other
 
 

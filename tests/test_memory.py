@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import train
 from batch_plan import StepLayout, train_batches
-from data import Collator, VideoDataset, batch_stream, load_samples, sample_lengths
+from data import Collator, VideoDataset, load_samples, sample_lengths
+from loaders import batch_stream
 from losses import LossSettings
 from model import build_classifier, build_optimizer
 from prepare.synthetic import main as make_synthetic

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
+import loaders
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,11 +86,11 @@ def first_item(items):
 
 def test_dataloader_workers_survive_sigint():
     batches = [[i] for i in range(40)]
-    loader = data.make_loader(WorkerPids(), batches, first_item, num_workers=1, seed=0)
+    loader = loaders.make_loader(WorkerPids(), batches, first_item, num_workers=1, seed=0)
     it = iter(loader)
     worker = next(it)
     assert worker != os.getpid()
-    os.kill(worker, signal.SIGINT)  # without data.ignore_ctrl_c the worker exits and the loader raises
+    os.kill(worker, signal.SIGINT)  # without loaders.ignore_ctrl_c the worker exits and the loader raises
     assert list(it) == [worker] * 39
 
 
