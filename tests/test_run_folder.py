@@ -46,6 +46,20 @@ def finished(tiny_model_dir, synthetic_dir, tmp_path_factory):
     return args, out
 
 
+def stopped_at_step_2(done, out):
+    """A copy of the finished run as if it had stopped after its step-2 checkpoint."""
+    shutil.copytree(done, out)
+    shutil.rmtree(os.path.join(out, "checkpoints", "step_0000004"))
+    return out
+
+
+def resume_lines(args, out, capsys, *changes):
+    """The `resume:` start-up lines of `--resume auto` in `out` with `changes` on the command line."""
+    capsys.readouterr()
+    train.main(args + ["--output_dir", out, "--resume", "auto", *changes])
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+
+
 def test_a_live_runs_folder_refuses_a_second_run_and_an_evaluation(finished, synthetic_dir, tmp_path):
     args, done = finished
     out = str(tmp_path / "live")
@@ -67,9 +81,7 @@ def test_a_live_runs_folder_refuses_a_second_run_and_an_evaluation(finished, syn
 
 def test_a_run_killed_with_sigkill_never_blocks_the_resume(finished, tmp_path):
     args, done = finished
-    out = str(tmp_path / "killed")
-    shutil.copytree(done, out)
-    shutil.rmtree(os.path.join(out, "checkpoints", "step_0000004"))
+    out = stopped_at_step_2(done, str(tmp_path / "killed"))
     code = f"import run_folder, time; run_folder.take_lock({out!r}); print('locked', flush=True); time.sleep(300)"
     owner = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert owner.stdout.readline() == "locked\n"
@@ -111,13 +123,8 @@ def test_a_resume_with_another_split_of_the_step_says_so_and_stays_exact(finishe
     """Checkpointed at 4 clips x 1 micro-batch; resumed at 2 clips x 2 micro-batches: the same
     steps (the data position is counted in steps, not micro-batches)."""
     args, done = finished
-    out = str(tmp_path / "split")
-    shutil.copytree(done, out)
-    shutil.rmtree(os.path.join(out, "checkpoints", "step_0000004"))
-    capsys.readouterr()
-    train.main(args + ["--output_dir", out, "--resume", "auto", "--per_device_train_batch_size", "2",
-                       "--gradient_accumulation_steps", "2"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    out = stopped_at_step_2(done, str(tmp_path / "split"))
+    lines = resume_lines(args, out, capsys, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
     assert lines == ["resume: per_device_train_batch_size changed: 4 -> 2",
                      "resume: gradient_accumulation_steps changed: 1 -> 2",
                      "resume: the same 4 samples a step, now 1 rank(s) x 2 micro-batch(es) (was 1 x 1): every step "
@@ -127,13 +134,9 @@ def test_a_resume_with_another_split_of_the_step_says_so_and_stays_exact(finishe
 
 def test_a_resume_with_a_changed_config_lists_each_change_and_where_the_data_picks_up(finished, tmp_path, capsys):
     args, done = finished
-    out = str(tmp_path / "changed")
-    shutil.copytree(done, out)
-    shutil.rmtree(os.path.join(out, "checkpoints", "step_0000004"))
-    capsys.readouterr()
-    train.main(args + ["--output_dir", out, "--resume", "auto", "--per_device_train_batch_size", "2",
-                       "--learning_rate", "5e-3", "--seed", "7", "--max_steps", "5"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    out = stopped_at_step_2(done, str(tmp_path / "changed"))
+    lines = resume_lines(args, out, capsys, "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--seed",
+                         "7", "--max_steps", "5")
     assert lines[:4] == ["resume: per_device_train_batch_size changed: 4 -> 2",
                          "resume: learning_rate changed: 0.001 -> 0.005", "resume: max_steps changed: 4 -> 5",
                          "resume: seed changed: 0 -> 7"]
