@@ -8,8 +8,9 @@
   host, pid and start time written inside. A second train.py or --eval_only on the folder finds it
   taken and names that run. A killed run holds nothing: the kernel drops the lock with the process,
   so the --resume auto that follows is never blocked. Under torchrun, and across nodes on a shared
-  filesystem, only global rank 0 locks: one run, one owner. (Linux NFS clients implement flock with
-  the server's byte-range locks, so nodes see each other's.)
+  filesystem, only global rank 0 locks: one run, one owner. (Linux NFS clients since 2.6.12 emulate
+  flock with the server's byte-range locks, unless mounted with local_lock, so nodes see each
+  other's: flock(2). Not tried across machines here.)
 - What a run left: a fresh training run (no --resume) in a folder holding another run's
   checkpoints, metrics.jsonl or TensorBoard events stops, and says the three ways on: continue it
   (--resume auto), pick another output_dir, or overwrite_output_dir: true, which deletes those
