@@ -61,15 +61,15 @@ def head_loss(logits, labels, settings):
     """Mean loss over the rows that count (0 with a gradient when none does)."""
     logits = logits.float()
     if not settings.multi_label:
-        weight = settings.weights.to(logits.device) if settings.weights is not None else None
         if not (labels != IGNORE).any():
             return logits.sum() * 0
-        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=settings.smoothing, ignore_index=IGNORE)
+        return F.cross_entropy(logits, labels, weight=settings.weights, label_smoothing=settings.smoothing,
+                               ignore_index=IGNORE)
     targets, counts = multi_hot(labels, logits.shape[1])
     if not counts.any():
         return logits.sum() * 0
     targets = targets * (1 - settings.smoothing) + settings.smoothing / 2  # smoothed towards 1/2
-    weights = settings.weights.to(logits.device) if settings.weights is not None else None
+    weights = settings.weights  # on the logits' device (train.loss_settings puts them there once)
     terms = F.binary_cross_entropy_with_logits(logits[counts], targets[counts], reduction="none",
                                                pos_weight=weights if settings.balanced else None)
     if weights is not None and not settings.balanced:

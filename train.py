@@ -158,7 +158,7 @@ def train(cfg, rank, world, device):
     run = Run(cfg, rank, world, device, model, wrapped, optimizer, scheduler, batches, train_mix, eval_mix, evals,
               classes={**(eval_mix.classes if eval_mix else {}), **train_mix.classes}, steps=steps,
               log=MetricsLog(cfg, rank == 0, after_step=state["step"]), stop=StopSignal(rank), state=state,
-              losses=loss_settings(cfg, train_mix))
+              losses=loss_settings(cfg, train_mix, device))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{len(train_mix.dataset)} train samples, {world} rank(s), {steps} steps, {n_train:,} trainable parameters")
     try:
@@ -272,15 +272,16 @@ class Tally:
         return self.correct / self.count
 
 
-def loss_settings(cfg, mix):
+def loss_settings(cfg, mix, device):
     """{label_space: losses.LossSettings}: the type, label_smoothing_factor and class_weights
-    ("balanced": from the training labels of that space), printed when weighted."""
+    ("balanced": from the training labels of that space; on `device`, once), printed when weighted."""
     multi, settings = multi_label_spaces(cfg), {}
     for space, n in head_sizes(cfg).items():
         setting = class_weight_setting(cfg, space)
         labels = [s.label for s in mix.dataset.samples if s.label_space == space]
         w = class_weights(setting, labels, n, space in multi)
-        settings[space] = LossSettings(cfg.label_smoothing_factor, w, space in multi, setting == "balanced")
+        on_device = w.to(device) if w is not None else None
+        settings[space] = LossSettings(cfg.label_smoothing_factor, on_device, space in multi, setting == "balanced")
         if w is not None:
             kind = "BCE pos_weight" if space in multi and setting == "balanced" else "class weights"
             print0(f"{kind} of label space {space!r} ({setting if isinstance(setting, str) else 'given'}): "

@@ -4,9 +4,9 @@ the official layouts, and overrides that make it small (steps, batch, frames, pi
 SMALL). A command someone edits runs as edited, so this test fails until it works.
 
 What cannot run here, and what runs instead:
-- `torchrun --nproc_per_node 8` runs 1 CPU process under torchrun (2-rank runs: test_fsdp.py,
-  test_resume.py); the multi-node launch runs two launchers on localhost (`--nproc_per_node 1` each,
-  the endpoint swapped for localhost);
+- `torchrun --nproc_per_node 8 train.py ARGS` runs `train.py ARGS` in this process, a world of one
+  (2-rank torchrun runs: test_fsdp.py, test_resume.py, test_kill.py); the multi-node launch runs as
+  two torchrun launchers on localhost (`--nproc_per_node 1` each, the endpoint swapped for localhost);
 - `python3 -m venv`, `pip install` and the pytest command are the setup CI itself runs (.ci/run);
 - `tensorboard --logdir runs` runs with `--inspect` (it reads the event files and exits);
 - IVCP's YAML reports to wandb, which is optional: WANDB_MODE=disabled, the documented switch;
@@ -184,16 +184,18 @@ def run_script(tokens):
 
 
 def run_torchrun(tokens, ws):
-    """torchrun as a process: 8 GPUs become 1 CPU process (runs of 2 ranks: test_fsdp, test_resume); a
-    multi-node launch becomes two launchers on localhost, one process each."""
+    """One node's torchrun: train.py's arguments run in this process, a world of one (torchrun's own
+    launches, 2 ranks: test_fsdp.py, test_resume.py, test_kill.py). The multi-node launch runs as
+    written, as two torchrun launchers on localhost of one process each."""
+    script = tokens.index("train.py")
+    if "--nnodes" not in tokens:
+        return run_script(["python", *tokens[script:]])
     args = tokens[1:] + SMALL["train"]
     args[args.index("--nproc_per_node") + 1] = "1"
     args[args.index("train.py")] = os.path.join(ROOT, "train.py")
-    launchers = [args]
-    if "--nnodes" in args:  # the second node: the same command with --node_rank 1
-        other = list(args)
-        other[other.index("--node_rank") + 1] = "1"
-        launchers.append(other)
+    other = list(args)  # the second node: the same command with --node_rank 1
+    other[other.index("--node_rank") + 1] = "1"
+    launchers = [args, other]
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *a], cwd=ws.root, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for a in launchers]
     outputs = [p.communicate(timeout=400)[0] for p in procs]
